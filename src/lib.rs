@@ -1,0 +1,36 @@
+//! opscore: the operations core for fleets of AI agents.
+//!
+//! Agents publish events on NATS; opscore keeps their registry in a repository (Redis or
+//! memory), runs workflows, and publishes every transition on status streams. The module tree
+//! follows the runtime roles of `DESIGN.md`:
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`config`] | settings: defaults, file, environment; validation before connecting |
+//! | [`subjects`] | every NATS subject, and the id-token rule that keeps them safe |
+//! | [`envelope`] | inbound decoding: limits, CloudEvents or bare JSON, event ids |
+//! | [`model`] | agent records and agent payloads, with the original field names |
+//! | [`registry`] | the pure agent rules: (record, event, now) → (record, effects) |
+//! | [`workflow`] | workflow definitions and the pure session engine |
+//! | [`repository`] | storage traits, Redis and in-memory implementations |
+//! | [`outbox`] | messages committed with a change and published after it |
+//! | [`bus`] | the NATS connection, streams, consumer and acknowledged publishing |
+//! | [`dlq`] | dead letters: copying refused messages with their reason |
+//! | [`worker`] | `opscore run`: intake, handlers, timers, shutdown |
+//! | [`api`] | the `opscore` micro service on `opscore.api.*`, and its client |
+//! | [`cli`], [`telemetry`] | the command line and logging |
+
+pub mod api;
+pub mod bus;
+pub mod cli;
+pub mod config;
+pub mod dlq;
+pub mod envelope;
+pub mod model;
+pub mod outbox;
+pub mod registry;
+pub mod repository;
+pub mod subjects;
+pub mod telemetry;
+pub mod worker;
+pub mod workflow;

@@ -1,0 +1,28 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use opscore::cli::{self, Cli};
+use opscore::config::Settings;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+
+    // Configuration is validated before anything connects; a bad value names its key.
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("opscore: {error}");
+            return ExitCode::from(cli::EXIT_CONFIG);
+        }
+    };
+    opscore::telemetry::init(&settings.log, cli.log_format.map(Into::into));
+
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("opscore: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(cli::execute(cli.command, settings))
+}

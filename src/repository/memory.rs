@@ -1,0 +1,209 @@
+//! The in-memory repository: the same contract as Redis, for a quick start and fast tests.
+//! State is lost when the process exits, and it cannot be shared between worker processes.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use chrono::{DateTime, Utc};
+
+use super::{
+    AgentCommit, AgentFilter, AgentRepository, CommitOutcome, Health, Outbox, RepositoryError,
+    RepositoryOptions, Versioned, capability_changes,
+};
+use crate::model::{Agent, HistoryEntry, Page};
+use crate::outbox::OutboxMessage;
+
+#[derive(Debug, Clone, Default)]
+pub struct MemoryRepository {
+    inner: Arc<Mutex<State>>,
+    options: RepositoryOptions,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// In id order, as listings page through them.
+    agents: BTreeMap<String, Versioned<Agent>>,
+    events: HashMap<String, HashMap<String, DateTime<Utc>>>,
+    history: HashMap<String, VecDeque<HistoryEntry>>,
+    capabilities: HashMap<String, BTreeSet<String>>,
+    liveness: HashMap<String, DateTime<Utc>>,
+    outbox: HashMap<String, (DateTime<Utc>, OutboxMessage)>,
+}
+
+impl MemoryRepository {
+    pub fn new(options: RepositoryOptions) -> Self {
+        Self {
+            inner: Arc::default(),
+            options,
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave a half-applied commit behind, since every
+        // commit checks before it writes; the data is still consistent.
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl AgentRepository for MemoryRepository {
+    async fn load(&self, agent_id: &str) -> Result<Option<Versioned<Agent>>, RepositoryError> {
+        Ok(self.state().agents.get(agent_id).cloned())
+    }
+
+    async fn commit(&self, commit: AgentCommit<'_>) -> Result<CommitOutcome, RepositoryError> {
+        let mut state = self.state();
+        let id = commit.agent.agent_id.as_str();
+        let current = state.agents.get(id).map_or(0, |record| record.version);
+        if let Some(event_id) = commit.event_id {
+            let seen = state.events.get(id).and_then(|events| events.get(event_id));
+            if seen.is_some() {
+                return Ok(CommitOutcome::Duplicate);
+            }
+        }
+        if current != commit.expected_version {
+            return Ok(CommitOutcome::Conflict);
+        }
+
+        let version = current + 1;
+        state.agents.insert(
+            id.to_owned(),
+            Versioned {
+                version,
+                value: commit.agent.clone(),
+            },
+        );
+        if let Some(event_id) = commit.event_id {
+            let cutoff = commit.now - self.options.dedupe_window;
+            let events = state.events.entry(id.to_owned()).or_default();
+            events.retain(|_, at| *at >= cutoff);
+            events.insert(event_id.to_owned(), commit.now);
+        }
+        if let Some(entry) = commit.history {
+            let history = state.history.entry(id.to_owned()).or_default();
+            history.push_front(entry.clone());
+            history.truncate(self.options.history_length);
+        }
+        match commit.liveness_deadline {
+            Some(deadline) => state.liveness.insert(id.to_owned(), deadline),
+            None => state.liveness.remove(id),
+        };
+        let (removed, added) =
+            capability_changes(commit.previous_capabilities, &commit.agent.capabilities);
+        for capability in removed {
+            if let Some(members) = state.capabilities.get_mut(capability) {
+                members.remove(id);
+            }
+        }
+        for capability in added {
+            let members = state.capabilities.entry(capability.to_owned()).or_default();
+            members.insert(id.to_owned());
+        }
+        let due = commit.now + self.options.outbox_grace;
+        for message in commit.outbox {
+            state
+                .outbox
+                .insert(message.id.clone(), (due, message.clone()));
+        }
+        Ok(CommitOutcome::Committed { version })
+    }
+
+    async fn history(
+        &self,
+        agent_id: &str,
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>, RepositoryError> {
+        let state = self.state();
+        let history = state.history.get(agent_id);
+        Ok(history
+            .map(|entries| entries.iter().take(limit).cloned().collect())
+            .unwrap_or_default())
+    }
+
+    async fn list(
+        &self,
+        filter: &AgentFilter,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<Agent>, RepositoryError> {
+        use std::ops::Bound::{Excluded, Unbounded};
+
+        let state = self.state();
+        let start = cursor.map_or(Unbounded, |c| Excluded(c.to_owned()));
+        let mut items = Vec::new();
+        let mut more = false;
+        for (_, record) in state.agents.range((start, Unbounded)) {
+            if !filter.matches(&record.value) {
+                continue;
+            }
+            if items.len() == limit {
+                more = true;
+                break;
+            }
+            items.push(record.value.clone());
+        }
+        let next_cursor = more
+            .then(|| items.last().map(|agent: &Agent| agent.agent_id.clone()))
+            .flatten();
+        Ok(Page { items, next_cursor })
+    }
+
+    async fn claim_due_liveness(
+        &self,
+        now: DateTime<Utc>,
+        claim_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<String>, RepositoryError> {
+        let mut state = self.state();
+        let mut due: Vec<String> = state
+            .liveness
+            .iter()
+            .filter(|(_, deadline)| **deadline <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        due.sort();
+        due.truncate(limit);
+        for id in &due {
+            state.liveness.insert(id.clone(), claim_until);
+        }
+        Ok(due)
+    }
+}
+
+impl Outbox for MemoryRepository {
+    async fn claim_due_outbox(
+        &self,
+        now: DateTime<Utc>,
+        claim_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<OutboxMessage>, RepositoryError> {
+        let mut state = self.state();
+        let mut due: Vec<&mut (DateTime<Utc>, OutboxMessage)> = state
+            .outbox
+            .values_mut()
+            .filter(|(at, _)| *at <= now)
+            .collect();
+        due.sort_by_key(|(at, _)| *at);
+        Ok(due
+            .into_iter()
+            .take(limit)
+            .map(|entry| {
+                entry.0 = claim_until;
+                entry.1.clone()
+            })
+            .collect())
+    }
+
+    async fn remove_outbox(&self, ids: &[String]) -> Result<(), RepositoryError> {
+        let mut state = self.state();
+        for id in ids {
+            state.outbox.remove(id);
+        }
+        Ok(())
+    }
+}
+
+impl Health for MemoryRepository {
+    async fn ping(&self) -> Result<(), RepositoryError> {
+        Ok(())
+    }
+}

@@ -1,0 +1,379 @@
+//! The Redis repository. Key layout (every key starts with the configured prefix, see
+//! `docs/storage.md`):
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `agent:<id>` | hash | `v` version, `d` record JSON |
+//! | `agent:<id>:events` | zset | applied event ids, scored by time applied |
+//! | `agent:<id>:history` | list | recent states, newest first |
+//! | `agents` | zset | every agent id, score 0 (lexical order for paging) |
+//! | `cap:<capability>` | zset | ids of agents with the capability |
+//! | `timers:liveness` | zset | agent ids, scored by liveness deadline (ms) |
+//! | `outbox` / `outbox:due` | hash / zset | unpublished messages and when to sweep them |
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, Script};
+
+use super::{
+    AgentCommit, AgentFilter, AgentRepository, CommitOutcome, Health, Outbox, RepositoryError,
+    RepositoryOptions, Versioned, capability_changes,
+};
+use crate::model::{Agent, HistoryEntry, Page};
+use crate::outbox::OutboxMessage;
+
+/// Records read per round trip while filtering a listing.
+const LIST_BATCH: usize = 200;
+/// Records a single listing call may read before returning a short page with a cursor.
+const LIST_BUDGET: usize = 5_000;
+
+#[derive(Clone)]
+pub struct RedisRepository {
+    connection: ConnectionManager,
+    keys: Keys,
+    options: RepositoryOptions,
+    commit_agent: &'static Script,
+    claim_due: &'static Script,
+}
+
+impl std::fmt::Debug for RedisRepository {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisRepository")
+            .field("prefix", &self.keys.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds every key from the prefix.
+#[derive(Debug, Clone)]
+struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    fn agent(&self, id: &str) -> String {
+        format!("{}agent:{id}", self.prefix)
+    }
+    fn events(&self, id: &str) -> String {
+        format!("{}agent:{id}:events", self.prefix)
+    }
+    fn history(&self, id: &str) -> String {
+        format!("{}agent:{id}:history", self.prefix)
+    }
+    fn agents(&self) -> String {
+        format!("{}agents", self.prefix)
+    }
+    fn capability(&self, capability: &str) -> String {
+        format!("{}cap:{capability}", self.prefix)
+    }
+    fn liveness(&self) -> String {
+        format!("{}timers:liveness", self.prefix)
+    }
+    fn outbox(&self) -> String {
+        format!("{}outbox", self.prefix)
+    }
+    fn outbox_due(&self) -> String {
+        format!("{}outbox:due", self.prefix)
+    }
+}
+
+fn script(source: &'static str) -> &'static Script {
+    // Scripts are compiled once per process and invoked by hash (EVALSHA), falling back to
+    // EVAL once after a server restart has flushed its script cache.
+    Box::leak(Box::new(Script::new(source)))
+}
+
+fn unavailable(error: redis::RedisError) -> RepositoryError {
+    RepositoryError::Unavailable(error)
+}
+
+fn decode<T: serde::de::DeserializeOwned>(key: &str, json: &str) -> Result<T, RepositoryError> {
+    serde_json::from_str(json).map_err(|source| RepositoryError::Corrupt {
+        key: key.to_owned(),
+        source,
+    })
+}
+
+fn millis(time: DateTime<Utc>) -> i64 {
+    time.timestamp_millis()
+}
+
+impl RedisRepository {
+    /// Creates the repository without waiting for Redis: the first command connects, and a
+    /// dropped connection is re-established in the background.
+    pub fn connect(
+        url: &str,
+        key_prefix: &str,
+        response_timeout: Duration,
+        connect_timeout: Duration,
+        options: RepositoryOptions,
+    ) -> Result<Self, RepositoryError> {
+        let client = redis::Client::open(url).map_err(unavailable)?;
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(response_timeout))
+            .set_connection_timeout(Some(connect_timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(2));
+        let connection =
+            ConnectionManager::new_lazy_with_config(client, config).map_err(unavailable)?;
+        Ok(Self {
+            connection,
+            keys: Keys {
+                prefix: key_prefix.to_owned(),
+            },
+            options,
+            commit_agent: script(include_str!("scripts/commit_agent.lua")),
+            claim_due: script(include_str!("scripts/claim_due.lua")),
+        })
+    }
+
+    async fn claim(
+        &self,
+        key: String,
+        now: DateTime<Utc>,
+        claim_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<String>, RepositoryError> {
+        let mut connection = self.connection.clone();
+        self.claim_due
+            .key(key)
+            .arg(millis(now))
+            .arg(millis(claim_until))
+            .arg(limit)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(unavailable)
+    }
+}
+
+impl AgentRepository for RedisRepository {
+    async fn load(&self, agent_id: &str) -> Result<Option<Versioned<Agent>>, RepositoryError> {
+        let key = self.keys.agent(agent_id);
+        let mut connection = self.connection.clone();
+        let (version, data): (Option<u64>, Option<String>) = redis::cmd("HMGET")
+            .arg(&key)
+            .arg("v")
+            .arg("d")
+            .query_async(&mut connection)
+            .await
+            .map_err(unavailable)?;
+        match (version, data) {
+            (Some(version), Some(data)) => Ok(Some(Versioned {
+                version,
+                value: decode(&key, &data)?,
+            })),
+            _ => Ok(None),
+        }
+    }
+
+    async fn commit(&self, commit: AgentCommit<'_>) -> Result<CommitOutcome, RepositoryError> {
+        let id = commit.agent.agent_id.as_str();
+        let record = serde_json::to_string(commit.agent).map_err(|source| {
+            RepositoryError::Corrupt {
+                key: self.keys.agent(id),
+                source,
+            }
+        })?;
+        let history = match commit.history {
+            Some(entry) => serde_json::to_string(entry).map_err(|source| {
+                RepositoryError::Corrupt {
+                    key: self.keys.history(id),
+                    source,
+                }
+            })?,
+            None => String::new(),
+        };
+        let (leave, join) =
+            capability_changes(commit.previous_capabilities, &commit.agent.capabilities);
+
+        let mut invocation = self.commit_agent.prepare_invoke();
+        invocation
+            .key(self.keys.agent(id))
+            .key(self.keys.events(id))
+            .key(self.keys.history(id))
+            .key(self.keys.liveness())
+            .key(self.keys.agents())
+            .key(self.keys.outbox())
+            .key(self.keys.outbox_due());
+        for capability in leave.iter().chain(&join) {
+            invocation.key(self.keys.capability(capability));
+        }
+        invocation
+            .arg(commit.expected_version)
+            .arg(record)
+            .arg(id)
+            .arg(commit.event_id.unwrap_or(""))
+            .arg(millis(commit.now))
+            .arg(millis(commit.now - self.options.dedupe_window))
+            .arg(history)
+            .arg(self.options.history_length)
+            .arg(commit.liveness_deadline.map(millis).map_or(String::new(), |ms| ms.to_string()))
+            .arg(millis(commit.now + self.options.outbox_grace))
+            .arg(leave.len())
+            .arg(join.len());
+        for message in commit.outbox {
+            let payload = serde_json::to_string(message).map_err(|source| {
+                RepositoryError::Corrupt {
+                    key: self.keys.outbox(),
+                    source,
+                }
+            })?;
+            invocation.arg(&message.id).arg(payload);
+        }
+
+        let mut connection = self.connection.clone();
+        let (status, version): (String, u64) =
+            invocation.invoke_async(&mut connection).await.map_err(unavailable)?;
+        Ok(match status.as_str() {
+            "ok" => CommitOutcome::Committed { version },
+            "duplicate" => CommitOutcome::Duplicate,
+            _ => CommitOutcome::Conflict,
+        })
+    }
+
+    async fn history(
+        &self,
+        agent_id: &str,
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>, RepositoryError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let key = self.keys.history(agent_id);
+        let mut connection = self.connection.clone();
+        let entries: Vec<String> = connection
+            .lrange(&key, 0, limit as isize - 1)
+            .await
+            .map_err(unavailable)?;
+        entries.iter().map(|entry| decode(&key, entry)).collect()
+    }
+
+    async fn list(
+        &self,
+        filter: &AgentFilter,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<Agent>, RepositoryError> {
+        let index = match &filter.capability {
+            Some(capability) => self.keys.capability(capability),
+            None => self.keys.agents(),
+        };
+        let mut connection = self.connection.clone();
+        let mut items = Vec::new();
+        let mut after = cursor.map(str::to_owned);
+        let mut read = 0;
+        loop {
+            let min = after.as_ref().map_or("-".to_owned(), |id| format!("({id}"));
+            let ids: Vec<String> = connection
+                .zrangebylex_limit(&index, &min, "+", 0, LIST_BATCH as isize)
+                .await
+                .map_err(unavailable)?;
+            if ids.is_empty() {
+                return Ok(Page {
+                    items,
+                    next_cursor: None,
+                });
+            }
+
+            let mut pipe = redis::pipe();
+            for id in &ids {
+                pipe.hget(self.keys.agent(id), "d");
+            }
+            let records: Vec<Option<String>> =
+                pipe.query_async(&mut connection).await.map_err(unavailable)?;
+            for (id, record) in ids.iter().zip(records) {
+                read += 1;
+                // An id indexed by a commit whose record was since deleted by hand is skipped.
+                let Some(record) = record else { continue };
+                let agent: Agent = decode(&self.keys.agent(id), &record)?;
+                if filter.matches(&agent) {
+                    items.push(agent);
+                }
+                after = Some(id.clone());
+                if items.len() == limit {
+                    return Ok(Page {
+                        items,
+                        next_cursor: after,
+                    });
+                }
+            }
+            if ids.len() < LIST_BATCH {
+                return Ok(Page {
+                    items,
+                    next_cursor: None,
+                });
+            }
+            if read >= LIST_BUDGET {
+                return Ok(Page {
+                    items,
+                    next_cursor: after,
+                });
+            }
+        }
+    }
+
+    async fn claim_due_liveness(
+        &self,
+        now: DateTime<Utc>,
+        claim_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<String>, RepositoryError> {
+        self.claim(self.keys.liveness(), now, claim_until, limit).await
+    }
+}
+
+impl Outbox for RedisRepository {
+    async fn claim_due_outbox(
+        &self,
+        now: DateTime<Utc>,
+        claim_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<OutboxMessage>, RepositoryError> {
+        let ids = self
+            .claim(self.keys.outbox_due(), now, claim_until, limit)
+            .await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let key = self.keys.outbox();
+        let mut connection = self.connection.clone();
+        let payloads: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(&key)
+            .arg(&ids)
+            .query_async(&mut connection)
+            .await
+            .map_err(unavailable)?;
+        payloads
+            .into_iter()
+            .flatten()
+            .map(|payload| decode(&key, &payload))
+            .collect()
+    }
+
+    async fn remove_outbox(&self, ids: &[String]) -> Result<(), RepositoryError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut connection = self.connection.clone();
+        redis::pipe()
+            .atomic()
+            .hdel(self.keys.outbox(), ids)
+            .zrem(self.keys.outbox_due(), ids)
+            .query_async::<()>(&mut connection)
+            .await
+            .map_err(unavailable)
+    }
+}
+
+impl Health for RedisRepository {
+    async fn ping(&self) -> Result<(), RepositoryError> {
+        let mut connection = self.connection.clone();
+        redis::cmd("PING")
+            .query_async::<String>(&mut connection)
+            .await
+            .map(drop)
+            .map_err(unavailable)
+    }
+}

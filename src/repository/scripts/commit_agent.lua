@@ -1,0 +1,57 @@
+-- Compare-and-set of one agent record, with everything that must change with it.
+--
+-- KEYS: 1 record hash, 2 applied event ids (zset), 3 history (list), 4 liveness timers (zset),
+--       5 index of all agents (zset), 6 outbox messages (hash), 7 outbox due times (zset),
+--       8.. capability indexes: first those to leave, then those to join
+-- ARGV: 1 expected version, 2 record JSON, 3 agent id, 4 event id or "", 5 now (ms),
+--       6 forget event ids applied before this (ms), 7 history entry JSON or "",
+--       8 history length, 9 liveness deadline (ms) or "", 10 outbox due time (ms),
+--       11 capability indexes to leave, 12 capability indexes to join,
+--       13.. outbox message id and payload, in pairs
+-- Returns {"ok", version} | {"duplicate", version} | {"conflict", version}
+
+local current = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
+local event_id = ARGV[4]
+if event_id ~= '' and redis.call('ZSCORE', KEYS[2], event_id) then
+  return {'duplicate', current}
+end
+if current ~= tonumber(ARGV[1]) then
+  return {'conflict', current}
+end
+
+local version = current + 1
+local agent_id = ARGV[3]
+redis.call('HSET', KEYS[1], 'v', version, 'd', ARGV[2])
+
+if event_id ~= '' then
+  redis.call('ZADD', KEYS[2], ARGV[5], event_id)
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[6])
+end
+
+if ARGV[7] ~= '' then
+  redis.call('LPUSH', KEYS[3], ARGV[7])
+  redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[8]) - 1)
+end
+
+if ARGV[9] ~= '' then
+  redis.call('ZADD', KEYS[4], ARGV[9], agent_id)
+else
+  redis.call('ZREM', KEYS[4], agent_id)
+end
+
+redis.call('ZADD', KEYS[5], 0, agent_id)
+local leave = tonumber(ARGV[11])
+local join = tonumber(ARGV[12])
+for i = 1, leave do
+  redis.call('ZREM', KEYS[7 + i], agent_id)
+end
+for i = 1, join do
+  redis.call('ZADD', KEYS[7 + leave + i], 0, agent_id)
+end
+
+for i = 13, #ARGV, 2 do
+  redis.call('HSET', KEYS[6], ARGV[i], ARGV[i + 1])
+  redis.call('ZADD', KEYS[7], ARGV[10], ARGV[i])
+end
+
+return {'ok', version}

@@ -1,0 +1,117 @@
+//! Applying agent commands: load, decide with the pure rules, compare-and-set, publish.
+
+use chrono::Utc;
+use tracing::debug;
+
+use crate::bus::Publisher;
+use crate::outbox::OutboxMessage;
+use crate::registry::{self, AgentCommand, Applied};
+use crate::repository::{AgentCommit, CommitOutcome, Repository, RepositoryError};
+
+/// Compare-and-set attempts before the work is handed back for a later retry. Conflicts only
+/// happen when several workers change one agent at the same moment.
+const MAX_CAS_ATTEMPTS: usize = 16;
+
+/// How a command ended once storage answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandOutcome {
+    Applied,
+    Stale,
+    /// The event id was applied before; nothing changed.
+    Duplicate,
+    /// The agent has no record and the command needs one.
+    NotRegistered,
+    /// Other writers kept winning the compare-and-set; try again later.
+    Contended,
+}
+
+/// The agent registry as the worker uses it.
+#[derive(Debug, Clone)]
+pub struct Agents<R> {
+    repository: R,
+    publisher: Publisher,
+    liveness_timeout: chrono::Duration,
+}
+
+impl<R: Repository> Agents<R> {
+    pub fn new(repository: R, publisher: Publisher, liveness_timeout: chrono::Duration) -> Self {
+        Self {
+            repository,
+            publisher,
+            liveness_timeout,
+        }
+    }
+
+    pub fn repository(&self) -> &R {
+        &self.repository
+    }
+
+    /// Applies `command` to the agent, recording `event_id` with the change so the same
+    /// event is never applied twice, then publishes the resulting status events.
+    pub async fn execute(
+        &self,
+        agent_id: &str,
+        event_id: Option<&str>,
+        command: AgentCommand,
+    ) -> Result<CommandOutcome, RepositoryError> {
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let current = self.repository.load(agent_id).await?;
+            let (version, agent) = match &current {
+                Some(record) => (record.version, Some(&record.value)),
+                None => (0, None),
+            };
+            let now = Utc::now();
+            let change = match registry::apply(
+                agent_id,
+                agent,
+                command.clone(),
+                now,
+                self.liveness_timeout,
+            ) {
+                Ok(change) => change,
+                Err(registry::NotRegistered(_)) => return Ok(CommandOutcome::NotRegistered),
+            };
+            let messages: Vec<OutboxMessage> =
+                change.transitions.iter().map(|t| t.to_message()).collect();
+            let previous_capabilities = agent.map_or(&[][..], |a| a.capabilities.as_slice());
+
+            let outcome = self
+                .repository
+                .commit(AgentCommit {
+                    agent: &change.agent,
+                    expected_version: version,
+                    previous_capabilities,
+                    event_id,
+                    history: change.history.as_ref(),
+                    liveness_deadline: change.liveness_deadline,
+                    outbox: &messages,
+                    now,
+                })
+                .await?;
+            match outcome {
+                CommitOutcome::Committed { .. } => {
+                    self.flush(&messages).await;
+                    return Ok(match change.applied {
+                        Applied::Applied => CommandOutcome::Applied,
+                        Applied::Stale => CommandOutcome::Stale,
+                    });
+                }
+                CommitOutcome::Duplicate => return Ok(CommandOutcome::Duplicate),
+                CommitOutcome::Conflict => debug!(agent_id, "version conflict; reloading"),
+            }
+        }
+        Ok(CommandOutcome::Contended)
+    }
+
+    /// Publishes committed messages and forgets those JetStream stored. What fails stays in
+    /// the outbox for the sweeper; the change itself is already safe.
+    pub async fn flush(&self, messages: &[OutboxMessage]) {
+        if messages.is_empty() {
+            return;
+        }
+        let published = self.publisher.publish_outbox(messages).await;
+        if let Err(error) = self.repository.remove_outbox(&published).await {
+            debug!(%error, "outbox cleanup failed; the sweeper will publish again");
+        }
+    }
+}

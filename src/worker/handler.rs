@@ -1,0 +1,244 @@
+//! One step of the worker: handle one inbound message and say what to do with it.
+
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use serde_json::Map;
+use tracing::{debug, warn};
+
+use super::agents::{Agents, CommandOutcome};
+use crate::bus::Publisher;
+use crate::dlq::DeadLetter;
+use crate::envelope::{DeadLetterReason, Envelope, Limits, Rejected};
+use crate::model::{AgentState, Deregistration, Heartbeat, Registration, StateReport};
+use crate::registry::AgentCommand;
+use crate::repository::Repository;
+use crate::subjects::{self, AgentEventKind, SubjectError};
+
+/// An inbound message as the handler sees it, independent of the consumer that fetched it.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub subject: String,
+    pub headers: Option<HeaderMap>,
+    pub payload: Bytes,
+    /// Its sequence in `OPSCORE_EVENTS`.
+    pub stream_seq: u64,
+    /// How many times it has been delivered, this time included.
+    pub delivered: u64,
+}
+
+/// What became of a message, and so what to tell JetStream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Applied and committed: ack.
+    Applied,
+    /// Older than the applied state; recorded and counted: ack.
+    Stale,
+    /// Applied before: ack.
+    Duplicate,
+    /// Copied to the dead-letter stream: terminate.
+    DeadLettered(DeadLetterReason),
+    /// Cannot be applied now: nak with this delay.
+    Retry(Duration),
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Applied => "applied",
+            Self::Stale => "stale",
+            Self::Duplicate => "duplicate",
+            Self::DeadLettered(_) => "dead_lettered",
+            Self::Retry(_) => "retry",
+        }
+    }
+}
+
+/// Handler settings taken from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct HandlerOptions {
+    pub limits: Limits,
+    pub retry_delay: Duration,
+    pub unknown_agent_retries: u64,
+    pub unknown_agent_retry_delay: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Handler<R> {
+    agents: Agents<R>,
+    publisher: Publisher,
+    options: HandlerOptions,
+}
+
+impl<R: Repository> Handler<R> {
+    pub fn new(agents: Agents<R>, publisher: Publisher, options: HandlerOptions) -> Self {
+        Self {
+            agents,
+            publisher,
+            options,
+        }
+    }
+
+    /// Handles one message: decode, validate, apply, and dead-letter what can never apply.
+    pub async fn handle(&self, delivery: &Delivery) -> Outcome {
+        let started = Instant::now();
+        let outcome = match self.apply(delivery).await {
+            Ok(outcome) => outcome,
+            Err(rejected) => self.dead_letter(delivery, &rejected).await,
+        };
+        metrics::counter!("opscore_events_total", "outcome" => outcome.label()).increment(1);
+        metrics::histogram!("opscore_handler_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        outcome
+    }
+
+    async fn apply(&self, delivery: &Delivery) -> Result<Outcome, Rejected> {
+        let (agent_id, kind) = subjects::parse_agent_event(&delivery.subject).map_err(|e| {
+            let reason = match e {
+                SubjectError::InvalidAgentId { .. } => DeadLetterReason::InvalidToken,
+                SubjectError::NotAgentEvent(_) | SubjectError::UnknownEvent(_) => {
+                    DeadLetterReason::UnknownEvent
+                }
+            };
+            Rejected::new(reason, e.to_string())
+        })?;
+        let msg_id = delivery
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Msg-Id"))
+            .map(|v| v.as_str());
+        let envelope = Envelope::decode(
+            &delivery.payload,
+            msg_id,
+            delivery.stream_seq,
+            self.options.limits,
+        )?;
+        let command = command(agent_id, kind, &envelope)?;
+
+        let result = self
+            .agents
+            .execute(agent_id, Some(&envelope.event_id), command)
+            .await;
+        let outcome = match result {
+            Ok(CommandOutcome::Applied) => Outcome::Applied,
+            Ok(CommandOutcome::Stale) => Outcome::Stale,
+            Ok(CommandOutcome::Duplicate) => Outcome::Duplicate,
+            Ok(CommandOutcome::Contended) => Outcome::Retry(self.options.retry_delay),
+            Ok(CommandOutcome::NotRegistered) => {
+                // The registration may still be in flight (another worker, a reordered
+                // publish), so wait a little before giving up on the agent.
+                if delivery.delivered <= self.options.unknown_agent_retries {
+                    Outcome::Retry(self.options.unknown_agent_retry_delay)
+                } else {
+                    return Err(Rejected::new(
+                        DeadLetterReason::UnknownAgent,
+                        format!(
+                            "agent {agent_id} is not registered after {} deliveries",
+                            delivery.delivered
+                        ),
+                    ));
+                }
+            }
+            Err(error) => {
+                metrics::counter!("opscore_storage_errors_total").increment(1);
+                debug!(%error, agent_id, "storage unavailable; message will be redelivered");
+                Outcome::Retry(self.options.retry_delay)
+            }
+        };
+        Ok(outcome)
+    }
+
+    async fn dead_letter(&self, delivery: &Delivery, rejected: &Rejected) -> Outcome {
+        let letter = DeadLetter {
+            subject: &delivery.subject,
+            headers: delivery.headers.as_ref(),
+            payload: &delivery.payload,
+            stream_seq: delivery.stream_seq,
+            rejected,
+        };
+        match letter.publish(&self.publisher).await {
+            Ok(()) => {
+                metrics::counter!("opscore_events_dead_lettered_total", "reason" => rejected.reason.as_str())
+                    .increment(1);
+                warn!(
+                    subject = %delivery.subject,
+                    stream_seq = delivery.stream_seq,
+                    reason = %rejected.reason,
+                    error = %rejected.message,
+                    "message dead-lettered"
+                );
+                Outcome::DeadLettered(rejected.reason)
+            }
+            Err(error) => {
+                warn!(%error, stream_seq = delivery.stream_seq, "dead-letter publish failed; will retry");
+                Outcome::Retry(self.options.retry_delay)
+            }
+        }
+    }
+}
+
+/// Validates the payload of one kind of event and turns it into a registry command.
+fn command(
+    agent_id: &str,
+    kind: AgentEventKind,
+    envelope: &Envelope,
+) -> Result<AgentCommand, Rejected> {
+    Ok(match kind {
+        AgentEventKind::Register => {
+            let registration: Registration = envelope.parse()?;
+            same_agent(agent_id, &registration.agent_id)?;
+            if registration.max_concurrent_tasks == 0 {
+                return Err(schema("maxConcurrentTasks must be at least 1"));
+            }
+            if registration.capabilities.iter().any(|c| c.is_empty() || c.len() > 128) {
+                return Err(schema("capabilities must be 1 to 128 characters long"));
+            }
+            AgentCommand::Register(registration)
+        }
+        AgentEventKind::Deregister => {
+            let deregistration: Deregistration = envelope.parse()?;
+            same_agent(agent_id, &deregistration.agent_id)?;
+            AgentCommand::Deregister(deregistration)
+        }
+        AgentEventKind::State => {
+            let report: StateReport = envelope.parse()?;
+            same_agent(agent_id, &report.agent_id)?;
+            let state: AgentState = report
+                .state
+                .parse()
+                .map_err(|e: crate::model::UnknownState| schema(e.to_string()))?;
+            if !state.is_reportable() {
+                return Err(schema(format!("state {state} is set by opscore only")));
+            }
+            AgentCommand::State {
+                state,
+                timestamp: report.timestamp,
+                details: report.details.unwrap_or_else(Map::new),
+            }
+        }
+        AgentEventKind::Heartbeat => {
+            let heartbeat: Heartbeat = envelope.parse()?;
+            same_agent(agent_id, &heartbeat.agent_id)?;
+            AgentCommand::Seen
+        }
+        AgentEventKind::TaskProgress | AgentEventKind::TaskResult => AgentCommand::Seen,
+    })
+}
+
+fn schema(message: impl Into<String>) -> Rejected {
+    Rejected::new(DeadLetterReason::Schema, message)
+}
+
+/// The subject names the agent; a payload naming another one is refused as a spoof.
+fn same_agent(subject_agent: &str, payload_agent: &str) -> Result<(), Rejected> {
+    subjects::token(payload_agent)
+        .map_err(|e| Rejected::new(DeadLetterReason::InvalidToken, format!("agentId: {e}")))?;
+    if payload_agent != subject_agent {
+        return Err(Rejected::new(
+            DeadLetterReason::Spoofed,
+            format!("payload agentId {payload_agent} differs from subject agent {subject_agent}"),
+        ));
+    }
+    Ok(())
+}
