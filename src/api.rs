@@ -198,11 +198,10 @@ impl<R: Repository> ApiState<R> {
 
     async fn agent_get(&self, request: AgentGet) -> Result<Value, ApiError> {
         let agent_id = checked_id("agentId", &request.agent_id)?;
-        let record = self
-            .repository
-            .load(agent_id)
-            .await?
-            .ok_or_else(|| ApiError::not_found(format!("agent {agent_id} is not registered")))?;
+        let record =
+            self.repository.load(agent_id).await?.ok_or_else(|| {
+                ApiError::not_found(format!("agent {agent_id} is not registered"))
+            })?;
         let history = self
             .repository
             .history(agent_id, self.history_length)
@@ -303,7 +302,12 @@ impl ApiClient {
 
     /// Sends `request` to `opscore.api.<resource>.<verb>` and returns the reply body, or the
     /// service's error.
-    pub async fn call(&self, resource: &str, verb: &str, request: &Value) -> Result<Value, ApiError> {
+    pub async fn call(
+        &self,
+        resource: &str,
+        verb: &str,
+        request: &Value,
+    ) -> Result<Value, ApiError> {
         let subject = Subject::from(subjects::api(resource, verb));
         let reply = self
             .client

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
-use async_nats::{HeaderMap, ConnectOptions};
+use async_nats::{ConnectOptions, HeaderMap};
 use futures::future::join_all;
 use tracing::{info, warn};
 
@@ -130,9 +130,21 @@ pub async fn ensure_streams(
 ) -> Result<(), BusError> {
     let streams = &settings.streams;
     let configs = [
-        (EVENTS_STREAM, subjects::AGENT_EVENTS, streams.events_max_age_secs),
-        (DISPATCH_STREAM, subjects::DISPATCH_ALL, streams.dispatch_max_age_secs),
-        (STATUS_STREAM, subjects::STATUS_ALL, streams.status_max_age_secs),
+        (
+            EVENTS_STREAM,
+            subjects::AGENT_EVENTS,
+            streams.events_max_age_secs,
+        ),
+        (
+            DISPATCH_STREAM,
+            subjects::DISPATCH_ALL,
+            streams.dispatch_max_age_secs,
+        ),
+        (
+            STATUS_STREAM,
+            subjects::STATUS_ALL,
+            streams.status_max_age_secs,
+        ),
         (DLQ_STREAM, subjects::DLQ_ALL, streams.dlq_max_age_secs),
     ];
     for (name, subject, max_age) in configs {

@@ -185,7 +185,10 @@ async fn agent_list(settings: &Settings, args: ListArgs) -> Result<(), CliError>
     let client = api(settings).await?;
     let mut cursor: Option<String> = None;
     if !args.json {
-        println!("{:<24} {:<24} {:<13} {:<25} CAPABILITIES", "AGENT", "NAME", "STATE", "LAST SEEN");
+        println!(
+            "{:<24} {:<24} {:<13} {:<25} CAPABILITIES",
+            "AGENT", "NAME", "STATE", "LAST SEEN"
+        );
     }
     loop {
         let request = json!({
@@ -238,7 +241,10 @@ async fn agent_get(settings: &Settings, agent_id: &str, json: bool) -> Result<()
     if json {
         println!("{agent}");
     } else {
-        println!("{}", serde_json::to_string_pretty(&agent).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&agent).unwrap_or_default()
+        );
     }
     Ok(())
 }
@@ -275,7 +281,10 @@ pub fn status_line(event: &Value) -> String {
     let time = event["time"].as_str().unwrap_or("");
     let kind = data["kind"].as_str().unwrap_or("?");
     let seq = data["seq"].as_u64().unwrap_or(0);
-    if let Some(agent) = data["agentId"].as_str().filter(|_| data["sessionId"].is_null()) {
+    if let Some(agent) = data["agentId"]
+        .as_str()
+        .filter(|_| data["sessionId"].is_null())
+    {
         let state = data["state"].as_str().unwrap_or("?");
         let transition = match data["previousState"].as_str() {
             Some(previous) => format!("{previous} -> {state}"),

@@ -168,10 +168,7 @@ impl Settings {
             .with_list_parse_key("nats.servers")
             .try_parsing(true)
             .source(env);
-        let settings: Settings = builder
-            .add_source(environment)
-            .build()?
-            .try_deserialize()?;
+        let settings: Settings = builder.add_source(environment).build()?.try_deserialize()?;
         settings.validate()?;
         Ok(settings)
     }
@@ -187,7 +184,10 @@ impl Settings {
 
         let nats = &self.nats;
         if nats.servers.is_empty() || nats.servers.iter().any(|s| s.trim().is_empty()) {
-            return Err(invalid("nats.servers", "at least one server address is required"));
+            return Err(invalid(
+                "nats.servers",
+                "at least one server address is required",
+            ));
         }
         let auth_methods = [
             !nats.user.is_empty() || nats.password.is_set(),
@@ -221,10 +221,16 @@ impl Settings {
         if self.storage.backend == Backend::Redis
             && !(url.starts_with("redis://") || url.starts_with("rediss://"))
         {
-            return Err(invalid("redis.url", "must start with redis:// or rediss://"));
+            return Err(invalid(
+                "redis.url",
+                "must start with redis:// or rediss://",
+            ));
         }
         if self.redis.response_timeout_ms == 0 || self.redis.connect_timeout_ms == 0 {
-            return Err(invalid("redis.response_timeout_ms", "timeouts must be positive"));
+            return Err(invalid(
+                "redis.response_timeout_ms",
+                "timeouts must be positive",
+            ));
         }
 
         if !(1..=5).contains(&self.streams.replicas) {
@@ -239,7 +245,10 @@ impl Settings {
 
         let worker = &self.worker;
         if !crate::subjects::is_valid_token(&worker.consumer) {
-            return Err(invalid("worker.consumer", "must match [A-Za-z0-9_-]{1,128}"));
+            return Err(invalid(
+                "worker.consumer",
+                "must match [A-Za-z0-9_-]{1,128}",
+            ));
         }
         if !(1..=10_000).contains(&worker.max_in_flight) {
             return Err(invalid("worker.max_in_flight", "must be from 1 to 10000"));
@@ -261,7 +270,10 @@ impl Settings {
             return Err(invalid("agents.history_length", "must be from 1 to 10000"));
         }
         if !(10..=60_000).contains(&self.agents.timer_interval_ms) {
-            return Err(invalid("agents.timer_interval_ms", "must be from 10 to 60000"));
+            return Err(invalid(
+                "agents.timer_interval_ms",
+                "must be from 10 to 60000",
+            ));
         }
         Ok(())
     }
@@ -334,8 +346,11 @@ mod tests {
     fn a_file_overrides_defaults_and_the_environment_overrides_the_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("opscore.toml");
-        std::fs::write(&path, "[agents]\nliveness_timeout_secs = 3\nhistory_length = 9\n")
-            .expect("write");
+        std::fs::write(
+            &path,
+            "[agents]\nliveness_timeout_secs = 3\nhistory_length = 9\n",
+        )
+        .expect("write");
         let settings = Settings::load_with_env(
             Some(&path),
             env(&[("OPSCORE__AGENTS__HISTORY_LENGTH", "4")]),
@@ -348,10 +363,18 @@ mod tests {
     #[test]
     fn invalid_values_name_their_key() {
         let cases = [
-            ("OPSCORE__NATS__PING_INTERVAL_SECS", "0", "nats.ping_interval_secs"),
+            (
+                "OPSCORE__NATS__PING_INTERVAL_SECS",
+                "0",
+                "nats.ping_interval_secs",
+            ),
             ("OPSCORE__REDIS__URL", "http://x", "redis.url"),
             ("OPSCORE__WORKER__CONSUMER", "a.b", "worker.consumer"),
-            ("OPSCORE__AGENTS__HISTORY_LENGTH", "0", "agents.history_length"),
+            (
+                "OPSCORE__AGENTS__HISTORY_LENGTH",
+                "0",
+                "agents.history_length",
+            ),
         ];
         for (var, value, key) in cases {
             let err = Settings::load_with_env(None, env(&[(var, value)]))

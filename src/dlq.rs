@@ -64,18 +64,17 @@ impl DeadLetter<'_> {
         headers.insert(ERROR, header_text(&self.rejected.message).as_str());
         headers.insert(ORIGINAL_SUBJECT, header_text(self.subject).as_str());
         headers.insert(ORIGINAL_SEQ, self.stream_seq.to_string().as_str());
-        headers.insert(
-            "Nats-Msg-Id",
-            format!("dlq:{}", self.stream_seq).as_str(),
-        );
+        headers.insert("Nats-Msg-Id", format!("dlq:{}", self.stream_seq).as_str());
 
         let payload = if reason == DeadLetterReason::TooLarge {
-            self.payload.slice(..self.payload.len().min(MAX_COPIED_BYTES))
+            self.payload
+                .slice(..self.payload.len().min(MAX_COPIED_BYTES))
         } else {
             self.payload.clone()
         };
         // Reason tokens are constants that always form a valid subject.
-        let subject = subjects::dlq(reason.as_str()).unwrap_or_else(|_| "opscore.dlq.schema".into());
+        let subject =
+            subjects::dlq(reason.as_str()).unwrap_or_else(|_| "opscore.dlq.schema".into());
         publisher.publish(subject, headers, payload).await
     }
 }

@@ -121,7 +121,10 @@ impl Envelope {
         if depth > limits.max_depth {
             return Err(Rejected::new(
                 DeadLetterReason::TooDeep,
-                format!("nesting depth {depth} exceeds the limit of {}", limits.max_depth),
+                format!(
+                    "nesting depth {depth} exceeds the limit of {}",
+                    limits.max_depth
+                ),
             ));
         }
         let value: Value = serde_json::from_slice(payload)
@@ -180,7 +183,8 @@ impl Envelope {
 
     /// Deserialises the data into a payload type, reporting schema errors with their path.
     pub fn parse<T: DeserializeOwned>(&self) -> Result<T, Rejected> {
-        T::deserialize(&self.data).map_err(|e| Rejected::new(DeadLetterReason::Schema, e.to_string()))
+        T::deserialize(&self.data)
+            .map_err(|e| Rejected::new(DeadLetterReason::Schema, e.to_string()))
     }
 }
 
@@ -244,7 +248,10 @@ mod tests {
         let with_header =
             Envelope::decode(br#"{"agentId":"a"}"#, Some("evt-1"), 42, LIMITS).expect("valid");
         assert_eq!(with_header.event_id, "evt-1");
-        assert_eq!(decode(r#"{"agentId":"a"}"#).expect("valid").event_id, "seq:42");
+        assert_eq!(
+            decode(r#"{"agentId":"a"}"#).expect("valid").event_id,
+            "seq:42"
+        );
     }
 
     #[test]
@@ -274,7 +281,10 @@ mod tests {
             reason(r#"{"specversion":"1.0","id":"e","source":"s","type":"t","data":"x"}"#),
             DeadLetterReason::Schema
         );
-        assert_eq!(reason(&format!("\"{}\"", "x".repeat(2000))), DeadLetterReason::TooLarge);
+        assert_eq!(
+            reason(&format!("\"{}\"", "x".repeat(2000))),
+            DeadLetterReason::TooLarge
+        );
         assert_eq!(reason(&"[".repeat(9)), DeadLetterReason::TooDeep);
     }
 

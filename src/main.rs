@@ -15,7 +15,12 @@ fn main() -> ExitCode {
             return ExitCode::from(cli::EXIT_CONFIG);
         }
     };
-    opscore::telemetry::init(&settings.log, cli.log_format.map(Into::into));
+    // Client commands print results; their own logs would only be noise below warnings.
+    let mut log = settings.log.clone();
+    if !matches!(cli.command, cli::Command::Run) {
+        log.level = "warn".to_owned();
+    }
+    opscore::telemetry::init(&log, cli.log_format.map(Into::into));
 
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,

@@ -5,9 +5,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::model::{
-    Agent, AgentState, Deregistration, HistoryEntry, Registration,
-};
+use crate::model::{Agent, AgentState, Deregistration, HistoryEntry, Registration};
 use crate::outbox::OutboxMessage;
 use crate::subjects;
 
@@ -256,7 +254,12 @@ fn come_back(change: &mut Change, now: DateTime<Utc>) {
     let agent = &mut change.agent;
     agent.state = agent.reported_state.unwrap_or(AgentState::Unknown);
     agent.state_timestamp = agent.reported_at.unwrap_or(now);
-    transition(change, TransitionKind::Online, Some(AgentState::Offline), now);
+    transition(
+        change,
+        TransitionKind::Online,
+        Some(AgentState::Offline),
+        now,
+    );
 }
 
 fn check_liveness(agent: &Agent, now: DateTime<Utc>, timeout: chrono::Duration) -> Change {
@@ -341,9 +344,15 @@ mod tests {
     }
 
     fn registered() -> Agent {
-        apply("a1", None, AgentCommand::Register(registration()), at(0), TIMEOUT)
-            .expect("registers")
-            .agent
+        apply(
+            "a1",
+            None,
+            AgentCommand::Register(registration()),
+            at(0),
+            TIMEOUT,
+        )
+        .expect("registers")
+        .agent
     }
 
     fn state(agent: &Agent, state: AgentState, reported: i64, now: i64) -> Change {
@@ -357,8 +366,14 @@ mod tests {
 
     #[test]
     fn registration_creates_an_unknown_agent_with_a_liveness_deadline() {
-        let change =
-            apply("a1", None, AgentCommand::Register(registration()), at(0), TIMEOUT).expect("ok");
+        let change = apply(
+            "a1",
+            None,
+            AgentCommand::Register(registration()),
+            at(0),
+            TIMEOUT,
+        )
+        .expect("ok");
         assert_eq!(change.agent.state, AgentState::Unknown);
         assert_eq!(change.agent.capabilities, ["draft", "summarise"]);
         assert_eq!(change.liveness_deadline, Some(at(30)));
@@ -379,9 +394,15 @@ mod tests {
         assert_eq!(change.applied, Applied::Applied);
         assert_eq!(change.agent.state, AgentState::Idle);
         assert_eq!(change.agent.state_timestamp, at(5));
-        assert_eq!(change.history.as_ref().map(|h| h.state), Some(AgentState::Idle));
+        assert_eq!(
+            change.history.as_ref().map(|h| h.state),
+            Some(AgentState::Idle)
+        );
         assert_eq!(change.transitions[0].kind, TransitionKind::StateChanged);
-        assert_eq!(change.transitions[0].previous_state, Some(AgentState::Unknown));
+        assert_eq!(
+            change.transitions[0].previous_state,
+            Some(AgentState::Unknown)
+        );
         assert_eq!(change.transitions[0].seq, 2);
     }
 
@@ -409,8 +430,14 @@ mod tests {
         let busy = state(&registered(), AgentState::Busy, 10, 10).agent;
         let mut update = registration();
         update.version = "2.0".into();
-        let change =
-            apply("a1", Some(&busy), AgentCommand::Register(update), at(20), TIMEOUT).expect("ok");
+        let change = apply(
+            "a1",
+            Some(&busy),
+            AgentCommand::Register(update),
+            at(20),
+            TIMEOUT,
+        )
+        .expect("ok");
         assert_eq!(change.agent.state, AgentState::Busy);
         assert_eq!(change.agent.version, "2.0");
         assert_eq!(change.agent.registered_at, at(0));
@@ -442,13 +469,25 @@ mod tests {
     #[test]
     fn silence_past_the_timeout_makes_the_agent_offline() {
         let idle = state(&registered(), AgentState::Idle, 1, 1).agent;
-        let early = apply("a1", Some(&idle), AgentCommand::CheckLiveness, at(20), TIMEOUT)
-            .expect("ok");
+        let early = apply(
+            "a1",
+            Some(&idle),
+            AgentCommand::CheckLiveness,
+            at(20),
+            TIMEOUT,
+        )
+        .expect("ok");
         assert_eq!(early.agent.state, AgentState::Idle);
         assert_eq!(early.liveness_deadline, Some(at(31)));
 
-        let late = apply("a1", Some(&idle), AgentCommand::CheckLiveness, at(31), TIMEOUT)
-            .expect("ok");
+        let late = apply(
+            "a1",
+            Some(&idle),
+            AgentCommand::CheckLiveness,
+            at(31),
+            TIMEOUT,
+        )
+        .expect("ok");
         assert_eq!(late.agent.state, AgentState::Offline);
         assert_eq!(late.liveness_deadline, None);
         assert_eq!(late.transitions[0].kind, TransitionKind::Offline);
@@ -458,9 +497,15 @@ mod tests {
     #[test]
     fn any_event_brings_an_offline_agent_back_to_its_reported_state() {
         let idle = state(&registered(), AgentState::Idle, 1, 1).agent;
-        let offline = apply("a1", Some(&idle), AgentCommand::CheckLiveness, at(40), TIMEOUT)
-            .expect("ok")
-            .agent;
+        let offline = apply(
+            "a1",
+            Some(&idle),
+            AgentCommand::CheckLiveness,
+            at(40),
+            TIMEOUT,
+        )
+        .expect("ok")
+        .agent;
         let back = apply("a1", Some(&offline), AgentCommand::Seen, at(50), TIMEOUT).expect("ok");
         assert_eq!(back.agent.state, AgentState::Idle);
         assert_eq!(back.transitions[0].kind, TransitionKind::Online);

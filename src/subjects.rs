@@ -121,7 +121,11 @@ pub fn parse_agent_event(subject: &str) -> Result<(&str, AgentEventKind), Subjec
 
 /// `opscore.agent.<agentId>.<kind>`, the subject an agent publishes an event on.
 pub fn agent_event(agent_id: &str, kind: AgentEventKind) -> Result<String, InvalidToken> {
-    Ok(format!("opscore.agent.{}.{}", token(agent_id)?, kind.suffix()))
+    Ok(format!(
+        "opscore.agent.{}.{}",
+        token(agent_id)?,
+        kind.suffix()
+    ))
 }
 
 /// `opscore.dispatch.<agentId>`, where an agent receives assignments and cancellations.

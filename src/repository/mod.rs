@@ -62,7 +62,9 @@ pub struct AgentCommit<'a> {
 /// How a compare-and-set ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CommitOutcome {
-    Committed { version: u64 },
+    Committed {
+        version: u64,
+    },
     /// The record changed since it was read: read it again and recompute.
     Conflict,
     /// The event was applied before: nothing was written.
@@ -155,8 +157,10 @@ pub trait Outbox: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<OutboxMessage>, RepositoryError>> + Send;
 
     /// Forgets messages JetStream has acknowledged.
-    fn remove_outbox(&self, ids: &[String])
-    -> impl Future<Output = Result<(), RepositoryError>> + Send;
+    fn remove_outbox(
+        &self,
+        ids: &[String],
+    ) -> impl Future<Output = Result<(), RepositoryError>> + Send;
 }
 
 /// Storage reachability, for readiness probes.

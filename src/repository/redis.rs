@@ -170,19 +170,18 @@ impl AgentRepository for RedisRepository {
 
     async fn commit(&self, commit: AgentCommit<'_>) -> Result<CommitOutcome, RepositoryError> {
         let id = commit.agent.agent_id.as_str();
-        let record = serde_json::to_string(commit.agent).map_err(|source| {
-            RepositoryError::Corrupt {
+        let record =
+            serde_json::to_string(commit.agent).map_err(|source| RepositoryError::Corrupt {
                 key: self.keys.agent(id),
                 source,
-            }
-        })?;
+            })?;
         let history = match commit.history {
-            Some(entry) => serde_json::to_string(entry).map_err(|source| {
-                RepositoryError::Corrupt {
+            Some(entry) => {
+                serde_json::to_string(entry).map_err(|source| RepositoryError::Corrupt {
                     key: self.keys.history(id),
                     source,
-                }
-            })?,
+                })?
+            }
             None => String::new(),
         };
         let (leave, join) =
@@ -209,23 +208,29 @@ impl AgentRepository for RedisRepository {
             .arg(millis(commit.now - self.options.dedupe_window))
             .arg(history)
             .arg(self.options.history_length)
-            .arg(commit.liveness_deadline.map(millis).map_or(String::new(), |ms| ms.to_string()))
+            .arg(
+                commit
+                    .liveness_deadline
+                    .map(millis)
+                    .map_or(String::new(), |ms| ms.to_string()),
+            )
             .arg(millis(commit.now + self.options.outbox_grace))
             .arg(leave.len())
             .arg(join.len());
         for message in commit.outbox {
-            let payload = serde_json::to_string(message).map_err(|source| {
-                RepositoryError::Corrupt {
+            let payload =
+                serde_json::to_string(message).map_err(|source| RepositoryError::Corrupt {
                     key: self.keys.outbox(),
                     source,
-                }
-            })?;
+                })?;
             invocation.arg(&message.id).arg(payload);
         }
 
         let mut connection = self.connection.clone();
-        let (status, version): (String, u64) =
-            invocation.invoke_async(&mut connection).await.map_err(unavailable)?;
+        let (status, version): (String, u64) = invocation
+            .invoke_async(&mut connection)
+            .await
+            .map_err(unavailable)?;
         Ok(match status.as_str() {
             "ok" => CommitOutcome::Committed { version },
             "duplicate" => CommitOutcome::Duplicate,
@@ -281,8 +286,10 @@ impl AgentRepository for RedisRepository {
             for id in &ids {
                 pipe.hget(self.keys.agent(id), "d");
             }
-            let records: Vec<Option<String>> =
-                pipe.query_async(&mut connection).await.map_err(unavailable)?;
+            let records: Vec<Option<String>> = pipe
+                .query_async(&mut connection)
+                .await
+                .map_err(unavailable)?;
             for (id, record) in ids.iter().zip(records) {
                 read += 1;
                 // An id indexed by a commit whose record was since deleted by hand is skipped.
@@ -320,7 +327,8 @@ impl AgentRepository for RedisRepository {
         claim_until: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<String>, RepositoryError> {
-        self.claim(self.keys.liveness(), now, claim_until, limit).await
+        self.claim(self.keys.liveness(), now, claim_until, limit)
+            .await
     }
 }
 

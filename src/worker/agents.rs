@@ -61,16 +61,12 @@ impl<R: Repository> Agents<R> {
                 None => (0, None),
             };
             let now = Utc::now();
-            let change = match registry::apply(
-                agent_id,
-                agent,
-                command.clone(),
-                now,
-                self.liveness_timeout,
-            ) {
-                Ok(change) => change,
-                Err(registry::NotRegistered(_)) => return Ok(CommandOutcome::NotRegistered),
-            };
+            let change =
+                match registry::apply(agent_id, agent, command.clone(), now, self.liveness_timeout)
+                {
+                    Ok(change) => change,
+                    Err(registry::NotRegistered(_)) => return Ok(CommandOutcome::NotRegistered),
+                };
             let messages: Vec<OutboxMessage> =
                 change.transitions.iter().map(|t| t.to_message()).collect();
             let previous_capabilities = agent.map_or(&[][..], |a| a.capabilities.as_slice());

@@ -129,8 +129,10 @@ async fn run_lane<R: Repository>(
             stream_seq: info.stream_sequence,
             delivered: u64::try_from(info.delivered).unwrap_or(1),
         };
-        let span = info_span!("message", subject = %delivery.subject, stream_seq = delivery.stream_seq);
+        let span =
+            info_span!("message", subject = %delivery.subject, stream_seq = delivery.stream_seq);
         let outcome = handler.handle(&delivery).instrument(span).await;
+        debug!(subject = %delivery.subject, stream_seq = delivery.stream_seq, ?outcome, "handled");
         let ack = match outcome {
             Outcome::Applied | Outcome::Stale | Outcome::Duplicate => AckKind::Ack,
             Outcome::DeadLettered(_) => AckKind::Term,

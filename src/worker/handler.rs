@@ -4,7 +4,6 @@ use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use serde_json::Map;
 use tracing::{debug, warn};
 
 use super::agents::{Agents, CommandOutcome};
@@ -191,7 +190,11 @@ fn command(
             if registration.max_concurrent_tasks == 0 {
                 return Err(schema("maxConcurrentTasks must be at least 1"));
             }
-            if registration.capabilities.iter().any(|c| c.is_empty() || c.len() > 128) {
+            if registration
+                .capabilities
+                .iter()
+                .any(|c| c.is_empty() || c.len() > 128)
+            {
                 return Err(schema("capabilities must be 1 to 128 characters long"));
             }
             AgentCommand::Register(registration)
@@ -214,7 +217,7 @@ fn command(
             AgentCommand::State {
                 state,
                 timestamp: report.timestamp,
-                details: report.details.unwrap_or_else(Map::new),
+                details: report.details.unwrap_or_default(),
             }
         }
         AgentEventKind::Heartbeat => {

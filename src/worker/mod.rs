@@ -20,7 +20,9 @@ use crate::api;
 use crate::bus::{self, BusError, Publisher};
 use crate::config::{Backend, Settings};
 use crate::envelope::Limits;
-use crate::repository::{MemoryRepository, RedisRepository, Repository, RepositoryError, RepositoryOptions};
+use crate::repository::{
+    MemoryRepository, RedisRepository, Repository, RepositoryError, RepositoryOptions,
+};
 
 /// Why the worker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -116,7 +118,11 @@ pub async fn run_with<R: Repository>(
         timers::run(agents, settings.agents.timer_interval(), shutdown.clone())
             .instrument(info_span!("timer")),
     );
-    tasks.spawn(service.serve(shutdown.clone()).instrument(info_span!("api")));
+    tasks.spawn(
+        service
+            .serve(shutdown.clone())
+            .instrument(info_span!("api")),
+    );
     info!("opscore is running");
 
     while tasks.join_next().await.is_some() {}

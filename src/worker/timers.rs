@@ -49,7 +49,10 @@ pub async fn run_due<R: Repository>(agents: &Agents<R>) -> Result<TimerReport, R
     if !stranded.is_empty() {
         report.outbox_republished = stranded.len();
         metrics::counter!("opscore_outbox_republished_total").increment(stranded.len() as u64);
-        info!(count = stranded.len(), "republishing messages left in the outbox");
+        info!(
+            count = stranded.len(),
+            "republishing messages left in the outbox"
+        );
         agents.flush(&stranded).await;
     }
     Ok(report)

@@ -1,0 +1,223 @@
+//! Choosing the agent for a ready task.
+
+use chrono::{DateTime, Utc};
+
+use super::session::PendingReason;
+
+/// What the scheduler knows about one registered agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub agent_id: String,
+    pub capabilities: Vec<String>,
+    /// Heard from within the liveness timeout.
+    pub alive: bool,
+    /// Last reported state, already lowercased by the caller.
+    pub state: String,
+    pub deregistered: bool,
+    pub max_concurrent_tasks: u32,
+    /// Live task leases the agent holds now.
+    pub leases_held: u32,
+    /// `None`: never assigned, which ranks before any time.
+    pub last_assigned_at: Option<DateTime<Utc>>,
+}
+
+impl Candidate {
+    /// Could take this capability at some point: live, registered, not winding down.
+    fn is_capable(&self, capability: &str) -> bool {
+        !self.deregistered
+            && self.alive
+            && self.state != "draining"
+            && self.capabilities.iter().any(|c| c == capability)
+    }
+
+    /// Can take a task now.
+    fn has_free_slot(&self) -> bool {
+        matches!(self.state.as_str(), "idle" | "active")
+            && self.leases_held < self.max_concurrent_tasks
+    }
+}
+
+/// Picks the agent for a task needing `capability`, or says why none can take it.
+///
+/// Eligible agents are capable (see [`Candidate`]), report `idle` or `active`, and hold fewer
+/// leases than `maxConcurrentTasks`; `pinned` restricts the choice to that agent. The least
+/// recently assigned eligible agent wins, ties going to the smallest agent id so that every
+/// worker instance makes the same choice. Without any capable agent the reason is
+/// `no_capable_agent`; when capable agents exist but none is eligible it is
+/// `all_capable_agents_busy`.
+pub fn choose_agent(
+    candidates: &[Candidate],
+    capability: &str,
+    pinned: Option<&str>,
+) -> Result<String, PendingReason> {
+    let mut capable = candidates
+        .iter()
+        .filter(|c| pinned.is_none_or(|p| c.agent_id == p))
+        .filter(|c| c.is_capable(capability))
+        .peekable();
+    if capable.peek().is_none() {
+        return Err(PendingReason::NoCapableAgent);
+    }
+    capable
+        .filter(|c| c.has_free_slot())
+        .min_by(|a, b| {
+            a.last_assigned_at
+                .cmp(&b.last_assigned_at)
+                .then_with(|| a.agent_id.cmp(&b.agent_id))
+        })
+        .map(|c| c.agent_id.clone())
+        .ok_or(PendingReason::AllCapableAgentsBusy)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn agent(id: &str) -> Candidate {
+        Candidate {
+            agent_id: id.to_owned(),
+            capabilities: vec!["summarize".to_owned()],
+            alive: true,
+            state: "idle".to_owned(),
+            deregistered: false,
+            max_concurrent_tasks: 1,
+            leases_held: 0,
+            last_assigned_at: None,
+        }
+    }
+
+    fn at(minute: u32) -> Option<DateTime<Utc>> {
+        Utc.with_ymd_and_hms(2025, 1, 1, 0, minute, 0).single()
+    }
+
+    #[test]
+    fn least_recently_assigned_agent_wins() {
+        let a = Candidate {
+            last_assigned_at: at(5),
+            ..agent("a")
+        };
+        let b = Candidate {
+            last_assigned_at: at(1),
+            ..agent("b")
+        };
+        assert_eq!(
+            choose_agent(&[a.clone(), b], "summarize", None),
+            Ok("b".to_owned())
+        );
+
+        let never = agent("c");
+        assert_eq!(
+            choose_agent(&[a, never], "summarize", None),
+            Ok("c".to_owned())
+        );
+    }
+
+    #[test]
+    fn ties_go_to_the_smallest_agent_id() {
+        let agents = [agent("b"), agent("a"), agent("c")];
+        assert_eq!(choose_agent(&agents, "summarize", None), Ok("a".to_owned()));
+    }
+
+    #[test]
+    fn active_agents_with_a_free_slot_are_eligible() {
+        let a = Candidate {
+            state: "active".to_owned(),
+            max_concurrent_tasks: 2,
+            leases_held: 1,
+            ..agent("a")
+        };
+        assert_eq!(choose_agent(&[a], "summarize", None), Ok("a".to_owned()));
+    }
+
+    #[test]
+    fn missing_capability_dead_deregistered_or_draining_agents_are_not_capable() {
+        let agents = [
+            Candidate {
+                capabilities: vec!["translate".to_owned()],
+                ..agent("a")
+            },
+            Candidate {
+                alive: false,
+                ..agent("b")
+            },
+            Candidate {
+                deregistered: true,
+                ..agent("c")
+            },
+            Candidate {
+                state: "draining".to_owned(),
+                ..agent("d")
+            },
+        ];
+        assert_eq!(
+            choose_agent(&agents, "summarize", None),
+            Err(PendingReason::NoCapableAgent)
+        );
+        assert_eq!(
+            choose_agent(&[], "summarize", None),
+            Err(PendingReason::NoCapableAgent)
+        );
+    }
+
+    #[test]
+    fn full_or_busy_capable_agents_mean_all_busy() {
+        let agents = [
+            Candidate {
+                leases_held: 1,
+                ..agent("a")
+            },
+            Candidate {
+                state: "busy".to_owned(),
+                ..agent("b")
+            },
+            Candidate {
+                state: "error".to_owned(),
+                ..agent("c")
+            },
+            Candidate {
+                max_concurrent_tasks: 0,
+                ..agent("d")
+            },
+            Candidate {
+                state: "IDLE".to_owned(),
+                ..agent("e")
+            },
+        ];
+        assert_eq!(
+            choose_agent(&agents, "summarize", None),
+            Err(PendingReason::AllCapableAgentsBusy)
+        );
+    }
+
+    #[test]
+    fn pinned_session_only_uses_its_agent() {
+        let agents = [
+            agent("a"),
+            Candidate {
+                last_assigned_at: at(1),
+                ..agent("b")
+            },
+        ];
+        assert_eq!(
+            choose_agent(&agents, "summarize", Some("b")),
+            Ok("b".to_owned())
+        );
+        assert_eq!(
+            choose_agent(&agents, "summarize", Some("z")),
+            Err(PendingReason::NoCapableAgent)
+        );
+
+        let busy = [
+            agent("a"),
+            Candidate {
+                leases_held: 1,
+                ..agent("b")
+            },
+        ];
+        assert_eq!(
+            choose_agent(&busy, "summarize", Some("b")),
+            Err(PendingReason::AllCapableAgentsBusy)
+        );
+    }
+}

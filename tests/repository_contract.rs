@@ -1,0 +1,434 @@
+//! One contract, two repositories: every test here runs against the in-memory repository and
+//! against Redis (a real redis-server started for the test).
+
+mod common;
+
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use opscore::model::{Agent, AgentState, HistoryEntry};
+use opscore::outbox::OutboxMessage;
+use opscore::repository::{
+    AgentCommit, AgentFilter, AgentRepository, CommitOutcome, Health, RedisRepository, Repository,
+    RepositoryOptions,
+};
+use serde_json::Map;
+
+const OPTIONS: RepositoryOptions = RepositoryOptions {
+    history_length: 3,
+    dedupe_window: chrono::Duration::seconds(60),
+    outbox_grace: chrono::Duration::seconds(5),
+};
+
+fn at(secs: i64) -> DateTime<Utc> {
+    Utc.timestamp_opt(1_800_000_000 + secs, 0)
+        .single()
+        .expect("valid time")
+}
+
+fn agent(id: &str, capabilities: &[&str], state: AgentState) -> Agent {
+    Agent {
+        agent_id: id.to_owned(),
+        agent_name: format!("Agent {id}"),
+        version: "1".to_owned(),
+        capabilities: capabilities.iter().map(|c| (*c).to_owned()).collect(),
+        contact_endpoint: None,
+        metadata: Map::new(),
+        max_concurrent_tasks: 1,
+        state,
+        state_timestamp: at(0),
+        reported_state: None,
+        reported_at: None,
+        details: Map::new(),
+        registered_at: at(0),
+        last_seen: at(0),
+        deregistered: false,
+        deregistered_at: None,
+        deregister_reason: None,
+        seq: 0,
+        stale_events: 0,
+        leases: Vec::new(),
+        last_assigned_at: None,
+    }
+}
+
+/// Commits `agent` over `previous` (the record at `version`), with an optional event id.
+async fn put<R: Repository>(
+    repository: &R,
+    agent: &Agent,
+    version: u64,
+    previous: &[String],
+    event_id: Option<&str>,
+    now: DateTime<Utc>,
+) -> CommitOutcome {
+    repository
+        .commit(AgentCommit {
+            agent,
+            expected_version: version,
+            previous_capabilities: previous,
+            event_id,
+            history: None,
+            liveness_deadline: Some(now + chrono::Duration::seconds(30)),
+            outbox: &[],
+            now,
+        })
+        .await
+        .expect("commit")
+}
+
+async fn ids<R: Repository>(repository: &R, filter: AgentFilter) -> Vec<String> {
+    let page = repository.list(&filter, None, 100).await.expect("list");
+    page.items.into_iter().map(|a| a.agent_id).collect()
+}
+
+async fn loads_nothing_for_an_unknown_agent<R: Repository>(repository: R) {
+    assert_eq!(repository.load("nobody").await.expect("load"), None);
+}
+
+async fn commits_are_compare_and_set_on_the_version<R: Repository>(repository: R) {
+    let a = agent("a", &["x"], AgentState::Unknown);
+    assert_eq!(
+        put(&repository, &a, 0, &[], None, at(0)).await,
+        CommitOutcome::Committed { version: 1 }
+    );
+    let loaded = repository.load("a").await.expect("load").expect("exists");
+    assert_eq!((loaded.version, &loaded.value), (1, &a));
+
+    assert_eq!(
+        put(&repository, &a, 0, &[], None, at(1)).await,
+        CommitOutcome::Conflict
+    );
+    let idle = agent("a", &["x"], AgentState::Idle);
+    assert_eq!(
+        put(&repository, &idle, 1, &a.capabilities, None, at(1)).await,
+        CommitOutcome::Committed { version: 2 }
+    );
+    assert_eq!(
+        repository
+            .load("a")
+            .await
+            .expect("load")
+            .expect("exists")
+            .value
+            .state,
+        AgentState::Idle
+    );
+}
+
+async fn an_event_id_is_applied_once_within_the_window<R: Repository>(repository: R) {
+    let a = agent("a", &["x"], AgentState::Unknown);
+    assert_eq!(
+        put(&repository, &a, 0, &[], Some("e1"), at(0)).await,
+        CommitOutcome::Committed { version: 1 }
+    );
+    // A duplicate is recognised even when it names the current version.
+    assert_eq!(
+        put(&repository, &a, 1, &[], Some("e1"), at(1)).await,
+        CommitOutcome::Duplicate
+    );
+    assert_eq!(
+        repository
+            .load("a")
+            .await
+            .expect("load")
+            .expect("exists")
+            .version,
+        1
+    );
+
+    // Past the window, a later commit forgets it.
+    assert_eq!(
+        put(&repository, &a, 1, &[], Some("e2"), at(120)).await,
+        CommitOutcome::Committed { version: 2 }
+    );
+    assert_eq!(
+        put(&repository, &a, 2, &[], Some("e1"), at(121)).await,
+        CommitOutcome::Committed { version: 3 }
+    );
+}
+
+async fn history_is_capped_and_newest_first<R: Repository>(repository: R) {
+    let a = agent("a", &["x"], AgentState::Unknown);
+    for (version, state) in [
+        AgentState::Idle,
+        AgentState::Busy,
+        AgentState::Idle,
+        AgentState::Error,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let entry = HistoryEntry {
+            state,
+            timestamp: at(version as i64),
+            received_at: at(version as i64),
+            details: Map::new(),
+        };
+        let outcome = repository
+            .commit(AgentCommit {
+                agent: &a,
+                expected_version: version as u64,
+                previous_capabilities: &[],
+                event_id: None,
+                history: Some(&entry),
+                liveness_deadline: None,
+                outbox: &[],
+                now: at(version as i64),
+            })
+            .await
+            .expect("commit");
+        assert!(matches!(outcome, CommitOutcome::Committed { .. }));
+    }
+    let history = repository.history("a", 10).await.expect("history");
+    let states: Vec<AgentState> = history.iter().map(|h| h.state).collect();
+    assert_eq!(
+        states,
+        [AgentState::Error, AgentState::Idle, AgentState::Busy]
+    );
+    assert_eq!(repository.history("a", 1).await.expect("history").len(), 1);
+    assert!(
+        repository
+            .history("nobody", 5)
+            .await
+            .expect("history")
+            .is_empty()
+    );
+}
+
+async fn listings_filter_follow_capability_changes_and_page<R: Repository>(repository: R) {
+    for (id, caps, state) in [
+        ("c", &["x"][..], AgentState::Idle),
+        ("a", &["x", "y"][..], AgentState::Busy),
+        ("b", &["y"][..], AgentState::Idle),
+    ] {
+        put(&repository, &agent(id, caps, state), 0, &[], None, at(0)).await;
+    }
+    assert_eq!(
+        ids(&repository, AgentFilter::default()).await,
+        ["a", "b", "c"]
+    );
+    let x = AgentFilter {
+        capability: Some("x".into()),
+        state: None,
+    };
+    assert_eq!(ids(&repository, x.clone()).await, ["a", "c"]);
+    let idle = AgentFilter {
+        capability: None,
+        state: Some(AgentState::Idle),
+    };
+    assert_eq!(ids(&repository, idle).await, ["b", "c"]);
+
+    // "a" drops capability x.
+    let changed = agent("a", &["y"], AgentState::Busy);
+    put(
+        &repository,
+        &changed,
+        1,
+        &["x".into(), "y".into()],
+        None,
+        at(1),
+    )
+    .await;
+    assert_eq!(ids(&repository, x).await, ["c"]);
+
+    let first = repository
+        .list(&AgentFilter::default(), None, 2)
+        .await
+        .expect("page");
+    assert_eq!(first.items.len(), 2);
+    let cursor = first.next_cursor.expect("more pages");
+    let second = repository
+        .list(&AgentFilter::default(), Some(&cursor), 2)
+        .await
+        .expect("page");
+    assert_eq!(
+        second
+            .items
+            .iter()
+            .map(|a| a.agent_id.as_str())
+            .collect::<Vec<_>>(),
+        ["c"]
+    );
+    assert_eq!(second.next_cursor, None);
+}
+
+async fn due_liveness_timers_are_claimed_once<R: Repository>(repository: R) {
+    let a = agent("a", &["x"], AgentState::Idle);
+    put(&repository, &a, 0, &[], None, at(0)).await; // deadline at(30)
+    let b = agent("b", &["x"], AgentState::Idle);
+    put(&repository, &b, 0, &[], None, at(100)).await; // deadline at(130)
+
+    assert!(
+        repository
+            .claim_due_liveness(at(29), at(40), 10)
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+    assert_eq!(
+        repository
+            .claim_due_liveness(at(30), at(40), 10)
+            .await
+            .expect("claim"),
+        ["a"]
+    );
+    // Claimed: nobody else takes it until the claim runs out.
+    assert!(
+        repository
+            .claim_due_liveness(at(35), at(45), 10)
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+    assert_eq!(
+        repository
+            .claim_due_liveness(at(40), at(50), 10)
+            .await
+            .expect("claim"),
+        ["a"]
+    );
+
+    // A commit without a deadline removes the timer.
+    repository
+        .commit(AgentCommit {
+            agent: &a,
+            expected_version: 1,
+            previous_capabilities: &a.capabilities,
+            event_id: None,
+            history: None,
+            liveness_deadline: None,
+            outbox: &[],
+            now: at(41),
+        })
+        .await
+        .expect("commit");
+    assert_eq!(
+        repository
+            .claim_due_liveness(at(200), at(210), 10)
+            .await
+            .expect("claim"),
+        ["b"]
+    );
+}
+
+async fn the_outbox_keeps_messages_until_removed<R: Repository>(repository: R) {
+    let message = |id: &str| OutboxMessage {
+        id: id.to_owned(),
+        subject: "opscore.status.agent.a".to_owned(),
+        payload: format!("{{\"id\":\"{id}\"}}"),
+    };
+    let messages = [message("m1"), message("m2")];
+    let a = agent("a", &["x"], AgentState::Idle);
+    repository
+        .commit(AgentCommit {
+            agent: &a,
+            expected_version: 0,
+            previous_capabilities: &[],
+            event_id: None,
+            history: None,
+            liveness_deadline: None,
+            outbox: &messages,
+            now: at(0),
+        })
+        .await
+        .expect("commit");
+
+    // Within the grace period the committing worker is expected to publish them itself.
+    assert!(
+        repository
+            .claim_due_outbox(at(4), at(20), 10)
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+    repository
+        .remove_outbox(&["m1".to_owned()])
+        .await
+        .expect("remove");
+    let stranded = repository
+        .claim_due_outbox(at(5), at(20), 10)
+        .await
+        .expect("claim");
+    assert_eq!(stranded, [message("m2")]);
+    assert!(
+        repository
+            .claim_due_outbox(at(6), at(20), 10)
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+    repository
+        .remove_outbox(&["m2".to_owned()])
+        .await
+        .expect("remove");
+    assert!(
+        repository
+            .claim_due_outbox(at(100), at(120), 10)
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+}
+
+async fn health_answers<R: Repository>(repository: R) {
+    repository.ping().await.expect("ping");
+}
+
+macro_rules! contract {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(opscore::repository::MemoryRepository::new(super::OPTIONS)).await;
+                }
+            )*
+        }
+
+        mod redis {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let server = crate::common::RedisServer::start();
+                    let repository = super::redis_repository(&server);
+                    super::$name(repository).await;
+                }
+            )*
+        }
+    };
+}
+
+fn redis_repository(server: &common::RedisServer) -> RedisRepository {
+    RedisRepository::connect(
+        &server.url(),
+        "contract:",
+        Duration::from_secs(2),
+        Duration::from_secs(2),
+        OPTIONS,
+    )
+    .expect("redis repository")
+}
+
+contract!(
+    loads_nothing_for_an_unknown_agent,
+    commits_are_compare_and_set_on_the_version,
+    an_event_id_is_applied_once_within_the_window,
+    history_is_capped_and_newest_first,
+    listings_filter_follow_capability_changes_and_page,
+    due_liveness_timers_are_claimed_once,
+    the_outbox_keeps_messages_until_removed,
+    health_answers,
+);
+
+#[tokio::test]
+async fn redis_reports_unavailability_as_a_retryable_error() {
+    let mut server = common::RedisServer::start();
+    let repository = redis_repository(&server);
+    repository.ping().await.expect("up");
+    server.kill();
+    let error = repository.load("a").await.expect_err("redis is down");
+    assert!(
+        matches!(error, opscore::repository::RepositoryError::Unavailable(_)),
+        "{error}"
+    );
+}
