@@ -232,6 +232,22 @@ impl Publisher {
         ack.await.map(drop).map_err(|e| failed(&e))
     }
 
+    /// Publishes committed messages and forgets those JetStream stored. What fails stays in
+    /// the outbox for the sweeper; the change itself is already safe.
+    pub async fn flush<O: crate::repository::Outbox>(
+        &self,
+        outbox: &O,
+        messages: &[OutboxMessage],
+    ) {
+        if messages.is_empty() {
+            return;
+        }
+        let published = self.publish_outbox(messages).await;
+        if let Err(error) = outbox.remove_outbox(&published).await {
+            tracing::debug!(%error, "outbox cleanup failed; the sweeper will publish again");
+        }
+    }
+
     /// Publishes outbox messages concurrently; returns the ids JetStream acknowledged.
     pub async fn publish_outbox(&self, messages: &[OutboxMessage]) -> Vec<String> {
         let publishes = messages.iter().map(|message| async move {

@@ -50,6 +50,7 @@ pub struct Settings {
     pub streams: StreamSettings,
     pub worker: WorkerSettings,
     pub agents: AgentSettings,
+    pub workflows: WorkflowSettings,
     pub log: LogSettings,
 }
 
@@ -126,6 +127,13 @@ pub struct AgentSettings {
     pub liveness_timeout_secs: u64,
     pub history_length: usize,
     pub timer_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkflowSettings {
+    pub directory: String,
+    pub reconcile_interval_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -18,7 +18,7 @@ pub enum DeadLetterReason {
     Spoofed,
     UnknownEvent,
     UnknownAgent,
-    RetriesExhausted,
+    UnknownTask,
 }
 
 impl DeadLetterReason {
@@ -32,7 +32,7 @@ impl DeadLetterReason {
         Self::Spoofed,
         Self::UnknownEvent,
         Self::UnknownAgent,
-        Self::RetriesExhausted,
+        Self::UnknownTask,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -46,7 +46,7 @@ impl DeadLetterReason {
             Self::Spoofed => "spoofed",
             Self::UnknownEvent => "unknown_event",
             Self::UnknownAgent => "unknown_agent",
-            Self::RetriesExhausted => "retries_exhausted",
+            Self::UnknownTask => "unknown_task",
         }
     }
 

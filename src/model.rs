@@ -202,6 +202,49 @@ pub struct Heartbeat {
     pub timestamp: Option<DateTime<Utc>>,
 }
 
+/// `opscore.agent.<agentId>.task.progress`: the agent works on the task; extends its lease.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskProgress {
+    pub task_id: String,
+    pub lease_epoch: u64,
+    #[serde(default)]
+    pub details: Option<Map<String, Value>>,
+}
+
+/// `opscore.agent.<agentId>.task.result`: the end of the agent's attempt.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskResult {
+    pub task_id: String,
+    pub lease_epoch: u64,
+    pub status: TaskResultStatus,
+    #[serde(default)]
+    pub output: Option<Value>,
+    #[serde(default)]
+    pub error: Option<TaskResultError>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskResultStatus {
+    Completed,
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskResultError {
+    pub message: String,
+    /// A non-retryable error fails the task at once, whatever attempts remain.
+    #[serde(default = "yes")]
+    pub retryable: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
 /// One page of a listing; `next_cursor` is `None` on the last page.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]

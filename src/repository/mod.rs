@@ -8,6 +8,7 @@
 
 mod memory;
 mod redis;
+pub mod sessions;
 
 use std::future::Future;
 
@@ -15,6 +16,10 @@ use chrono::{DateTime, Utc};
 
 pub use self::memory::MemoryRepository;
 pub use self::redis::RedisRepository;
+pub use self::sessions::{
+    DefineOutcome, SessionCommit, SessionCommitOutcome, SessionFilter, SessionRepository,
+    WorkflowRepository,
+};
 use crate::model::{Agent, AgentState, HistoryEntry, Page};
 use crate::outbox::OutboxMessage;
 
@@ -169,9 +174,15 @@ pub trait Health: Send + Sync + 'static {
 }
 
 /// Everything the worker needs from storage.
-pub trait Repository: AgentRepository + Outbox + Health + Clone {}
+pub trait Repository:
+    AgentRepository + SessionRepository + WorkflowRepository + Outbox + Health + Clone
+{
+}
 
-impl<T: AgentRepository + Outbox + Health + Clone> Repository for T {}
+impl<T> Repository for T where
+    T: AgentRepository + SessionRepository + WorkflowRepository + Outbox + Health + Clone
+{
+}
 
 /// Capabilities to take out of and put into the indexes when `old` becomes `new`.
 fn capability_changes<'a>(old: &'a [String], new: &'a [String]) -> (Vec<&'a str>, Vec<&'a str>) {

@@ -5,7 +5,7 @@ use tracing::debug;
 
 use crate::bus::Publisher;
 use crate::outbox::OutboxMessage;
-use crate::registry::{self, AgentCommand, Applied};
+use crate::registry::{self, AgentCommand, Applied, TransitionKind};
 use crate::repository::{AgentCommit, CommitOutcome, Repository, RepositoryError};
 
 /// Compare-and-set attempts before the work is handed back for a later retry. Conflicts only
@@ -15,7 +15,11 @@ const MAX_CAS_ATTEMPTS: usize = 16;
 /// How a command ended once storage answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CommandOutcome {
-    Applied,
+    /// `available`: the change made the agent able to take tasks (registered, reported idle
+    /// or active, came back online), so waiting tasks should be placed.
+    Applied {
+        available: bool,
+    },
     Stale,
     /// The event id was applied before; nothing changed.
     Duplicate,
@@ -87,8 +91,19 @@ impl<R: Repository> Agents<R> {
             match outcome {
                 CommitOutcome::Committed { .. } => {
                     self.flush(&messages).await;
+                    let agent = &change.agent;
+                    let available = agent.is_alive()
+                        && agent.state.accepts_tasks()
+                        && change.transitions.iter().any(|t| {
+                            matches!(
+                                t.kind,
+                                TransitionKind::Registered
+                                    | TransitionKind::StateChanged
+                                    | TransitionKind::Online
+                            )
+                        });
                     return Ok(match change.applied {
-                        Applied::Applied => CommandOutcome::Applied,
+                        Applied::Applied => CommandOutcome::Applied { available },
                         Applied::Stale => CommandOutcome::Stale,
                     });
                 }
@@ -99,15 +114,8 @@ impl<R: Repository> Agents<R> {
         Ok(CommandOutcome::Contended)
     }
 
-    /// Publishes committed messages and forgets those JetStream stored. What fails stays in
-    /// the outbox for the sweeper; the change itself is already safe.
+    /// Publishes committed messages; see [`Publisher::flush`].
     pub async fn flush(&self, messages: &[OutboxMessage]) {
-        if messages.is_empty() {
-            return;
-        }
-        let published = self.publisher.publish_outbox(messages).await;
-        if let Err(error) = self.repository.remove_outbox(&published).await {
-            debug!(%error, "outbox cleanup failed; the sweeper will publish again");
-        }
+        self.publisher.flush(&self.repository, messages).await;
     }
 }

@@ -7,10 +7,14 @@ use bytes::Bytes;
 use tracing::{debug, warn};
 
 use super::agents::{Agents, CommandOutcome};
+use super::sessions::{Report, SessionOutcome, Sessions};
 use crate::bus::Publisher;
 use crate::dlq::DeadLetter;
 use crate::envelope::{DeadLetterReason, Envelope, Limits, Rejected};
-use crate::model::{AgentState, Deregistration, Heartbeat, Registration, StateReport};
+use crate::model::{
+    AgentState, Deregistration, Heartbeat, Registration, StateReport, TaskProgress, TaskResult,
+    TaskResultStatus,
+};
 use crate::registry::AgentCommand;
 use crate::repository::Repository;
 use crate::subjects::{self, AgentEventKind, SubjectError};
@@ -32,7 +36,8 @@ pub struct Delivery {
 pub enum Outcome {
     /// Applied and committed: ack.
     Applied,
-    /// Older than the applied state; recorded and counted: ack.
+    /// Older than the applied state, or a task report naming a lease that is not current;
+    /// recorded and counted: ack.
     Stale,
     /// Applied before: ack.
     Duplicate,
@@ -66,14 +71,28 @@ pub struct HandlerOptions {
 #[derive(Debug, Clone)]
 pub struct Handler<R> {
     agents: Agents<R>,
+    sessions: Sessions<R>,
     publisher: Publisher,
     options: HandlerOptions,
 }
 
+/// A validated inbound event.
+#[derive(Debug, Clone)]
+enum Event {
+    Agent(AgentCommand),
+    Task { task_id: String, report: Report },
+}
+
 impl<R: Repository> Handler<R> {
-    pub fn new(agents: Agents<R>, publisher: Publisher, options: HandlerOptions) -> Self {
+    pub fn new(
+        agents: Agents<R>,
+        sessions: Sessions<R>,
+        publisher: Publisher,
+        options: HandlerOptions,
+    ) -> Self {
         Self {
             agents,
+            sessions,
             publisher,
             options,
         }
@@ -113,14 +132,68 @@ impl<R: Repository> Handler<R> {
             delivery.stream_seq,
             self.options.limits,
         )?;
-        let command = command(agent_id, kind, &envelope)?;
+        let event_id = envelope.event_id.as_str();
+        let outcome = match event(agent_id, kind, &envelope)? {
+            Event::Agent(command) => {
+                let legacy = match &command {
+                    AgentCommand::State { state, details, .. } => {
+                        let details = serde_json::Value::Object(details.clone());
+                        crate::workflow::legacy_report(state.as_str(), &details)
+                    }
+                    _ => None,
+                };
+                let result = self.agents.execute(agent_id, Some(event_id), command).await;
+                let outcome = self.agent_outcome(agent_id, delivery, result).await?;
+                // Agents of the original service report task progress as states naming the
+                // task; the state is applied above, its meaning for the task here, under a
+                // derived event id so that each is deduplicated on its own.
+                if let (Outcome::Applied, Some((task_id, report))) = (outcome, legacy) {
+                    let task_event = format!("{event_id}#task");
+                    let result = self
+                        .sessions
+                        .report(agent_id, &task_event, &task_id, Report::Legacy(report))
+                        .await;
+                    if let Outcome::Retry(delay) = self.task_outcome(&task_id, result)? {
+                        return Ok(Outcome::Retry(delay));
+                    }
+                }
+                outcome
+            }
+            Event::Task { task_id, report } => {
+                let result = self
+                    .sessions
+                    .report(agent_id, event_id, &task_id, report)
+                    .await;
+                let outcome = self.task_outcome(&task_id, result)?;
+                if outcome != Outcome::Retry(self.options.retry_delay) {
+                    // Any report proves the agent alive; a failure here only delays liveness.
+                    if let Err(error) = self
+                        .agents
+                        .execute(agent_id, None, AgentCommand::Seen)
+                        .await
+                    {
+                        debug!(%error, agent_id, "liveness refresh failed");
+                    }
+                }
+                outcome
+            }
+        };
+        Ok(outcome)
+    }
 
-        let result = self
-            .agents
-            .execute(agent_id, Some(&envelope.event_id), command)
-            .await;
-        let outcome = match result {
-            Ok(CommandOutcome::Applied) => Outcome::Applied,
+    async fn agent_outcome(
+        &self,
+        agent_id: &str,
+        delivery: &Delivery,
+        result: Result<CommandOutcome, crate::repository::RepositoryError>,
+    ) -> Result<Outcome, Rejected> {
+        Ok(match result {
+            Ok(CommandOutcome::Applied { available }) => {
+                if available {
+                    self.sessions.agent_available(agent_id).await;
+                }
+                Outcome::Applied
+            }
             Ok(CommandOutcome::Stale) => Outcome::Stale,
             Ok(CommandOutcome::Duplicate) => Outcome::Duplicate,
             Ok(CommandOutcome::Contended) => Outcome::Retry(self.options.retry_delay),
@@ -139,13 +212,40 @@ impl<R: Repository> Handler<R> {
                     ));
                 }
             }
-            Err(error) => {
-                metrics::counter!("opscore_storage_errors_total").increment(1);
-                debug!(%error, agent_id, "storage unavailable; message will be redelivered");
-                Outcome::Retry(self.options.retry_delay)
+            Err(error) => self.storage_error(&error),
+        })
+    }
+
+    fn task_outcome(
+        &self,
+        task_id: &str,
+        result: Result<SessionOutcome, crate::repository::RepositoryError>,
+    ) -> Result<Outcome, Rejected> {
+        Ok(match result {
+            Ok(SessionOutcome::Applied) => Outcome::Applied,
+            Ok(SessionOutcome::Duplicate) => Outcome::Duplicate,
+            Ok(SessionOutcome::Rejected(rejection)) => {
+                // A zombie agent's late report, a repeated one, or a report from an agent
+                // that does not hold the lease: counted, never applied.
+                metrics::counter!("opscore_task_reports_rejected_total").increment(1);
+                debug!(task_id, %rejection, "task report rejected");
+                Outcome::Stale
             }
-        };
-        Ok(outcome)
+            Ok(SessionOutcome::NotFound) => {
+                return Err(Rejected::new(
+                    DeadLetterReason::UnknownTask,
+                    format!("task {task_id} belongs to no session"),
+                ));
+            }
+            Ok(SessionOutcome::Contended) => Outcome::Retry(self.options.retry_delay),
+            Err(error) => self.storage_error(&error),
+        })
+    }
+
+    fn storage_error(&self, error: &crate::repository::RepositoryError) -> Outcome {
+        metrics::counter!("opscore_storage_errors_total").increment(1);
+        debug!(%error, "storage unavailable; message will be redelivered");
+        Outcome::Retry(self.options.retry_delay)
     }
 
     async fn dead_letter(&self, delivery: &Delivery, rejected: &Rejected) -> Outcome {
@@ -177,13 +277,9 @@ impl<R: Repository> Handler<R> {
     }
 }
 
-/// Validates the payload of one kind of event and turns it into a registry command.
-fn command(
-    agent_id: &str,
-    kind: AgentEventKind,
-    envelope: &Envelope,
-) -> Result<AgentCommand, Rejected> {
-    Ok(match kind {
+/// Validates the payload of one kind of event and turns it into a command.
+fn event(agent_id: &str, kind: AgentEventKind, envelope: &Envelope) -> Result<Event, Rejected> {
+    let command = match kind {
         AgentEventKind::Register => {
             let registration: Registration = envelope.parse()?;
             same_agent(agent_id, &registration.agent_id)?;
@@ -225,8 +321,47 @@ fn command(
             same_agent(agent_id, &heartbeat.agent_id)?;
             AgentCommand::Seen
         }
-        AgentEventKind::TaskProgress | AgentEventKind::TaskResult => AgentCommand::Seen,
-    })
+        AgentEventKind::TaskProgress => {
+            let progress: TaskProgress = envelope.parse()?;
+            return Ok(Event::Task {
+                report: Report::Progress {
+                    lease_epoch: progress.lease_epoch,
+                },
+                task_id: task_id(progress.task_id)?,
+            });
+        }
+        AgentEventKind::TaskResult => {
+            let result: TaskResult = envelope.parse()?;
+            let outcome = match result.status {
+                TaskResultStatus::Completed => crate::workflow::TaskOutcome::Completed {
+                    output: result.output.unwrap_or(serde_json::Value::Null),
+                },
+                TaskResultStatus::Failed => {
+                    let error = result
+                        .error
+                        .ok_or_else(|| schema("a failed result needs an error"))?;
+                    crate::workflow::TaskOutcome::Failed {
+                        message: error.message,
+                        retryable: error.retryable,
+                    }
+                }
+            };
+            return Ok(Event::Task {
+                report: Report::Result {
+                    lease_epoch: result.lease_epoch,
+                    outcome,
+                },
+                task_id: task_id(result.task_id)?,
+            });
+        }
+    };
+    Ok(Event::Agent(command))
+}
+
+fn task_id(id: String) -> Result<String, Rejected> {
+    subjects::token(&id)
+        .map_err(|e| Rejected::new(DeadLetterReason::InvalidToken, format!("taskId: {e}")))?;
+    Ok(id)
 }
 
 fn schema(message: impl Into<String>) -> Rejected {

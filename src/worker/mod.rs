@@ -4,6 +4,7 @@
 mod agents;
 mod consumer;
 mod handler;
+mod sessions;
 mod timers;
 
 use std::time::Duration;
@@ -15,14 +16,19 @@ use tracing::{Instrument, info, info_span};
 
 pub use self::agents::{Agents, CommandOutcome};
 pub use self::handler::{Delivery, Handler, HandlerOptions, Outcome};
-pub use self::timers::{TimerReport, run_due};
+pub use self::sessions::{
+    Report, SessionOutcome, Sessions, Trigger, TriggerError, Triggered, session_of_task,
+};
+pub use self::timers::{ReconcileReport, TimerReport, reconcile, run_due};
 use crate::api;
 use crate::bus::{self, BusError, Publisher};
 use crate::config::{Backend, Settings};
 use crate::envelope::Limits;
 use crate::repository::{
-    MemoryRepository, RedisRepository, Repository, RepositoryError, RepositoryOptions,
+    DefineOutcome, MemoryRepository, RedisRepository, Repository, RepositoryError,
+    RepositoryOptions,
 };
+use crate::workflow::WorkflowDefinition;
 
 /// Why the worker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +39,54 @@ pub enum StartError {
     Repository(#[from] RepositoryError),
     #[error("control api: {0}")]
     Api(async_nats::Error),
+    #[error("workflow file {path}: {message}")]
+    Workflow { path: String, message: String },
+}
+
+/// Defines every `*.json` workflow in `directory` (empty: none). A file that does not parse
+/// or validate stops startup, naming the file and the task at fault.
+pub async fn load_workflows<R: Repository>(
+    repository: &R,
+    directory: &str,
+) -> Result<usize, StartError> {
+    if directory.is_empty() {
+        return Ok(0);
+    }
+    let error = |path: &std::path::Path, message: String| StartError::Workflow {
+        path: path.display().to_string(),
+        message,
+    };
+    let entries = std::fs::read_dir(directory)
+        .map_err(|e| error(std::path::Path::new(directory), e.to_string()))?;
+    let mut paths: Vec<_> = entries
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "json"))
+        .collect();
+    paths.sort();
+    for path in &paths {
+        let text = std::fs::read_to_string(path).map_err(|e| error(path, e.to_string()))?;
+        let definition: WorkflowDefinition =
+            serde_json::from_str(&text).map_err(|e| error(path, e.to_string()))?;
+        definition
+            .validate()
+            .map_err(|e| error(path, e.to_string()))?;
+        match repository.define(&definition).await? {
+            DefineOutcome::Created | DefineOutcome::Unchanged => {
+                info!(workflow_id = %definition.id, version = %definition.version, "workflow defined");
+            }
+            DefineOutcome::VersionExists => {
+                return Err(error(
+                    path,
+                    format!(
+                        "version {} of workflow {} is already defined with other content",
+                        definition.version, definition.id
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(paths.len())
 }
 
 /// Repository options from the configuration.
@@ -85,10 +139,13 @@ pub async fn run_with<R: Repository>(
     let publisher = Publisher::new(jetstream);
     let liveness = chrono::Duration::seconds(settings.agents.liveness_timeout_secs as i64);
     let agents = Agents::new(repository.clone(), publisher.clone(), liveness);
+    let sessions = Sessions::new(repository.clone(), publisher.clone());
+    load_workflows(&repository, &settings.workflows.directory).await?;
     let worker = &settings.worker;
     let handler = Handler::new(
         agents.clone(),
-        publisher,
+        sessions.clone(),
+        publisher.clone(),
         HandlerOptions {
             limits: Limits {
                 max_bytes: worker.max_message_bytes,
@@ -99,7 +156,7 @@ pub async fn run_with<R: Repository>(
             unknown_agent_retry_delay: Duration::from_millis(worker.unknown_agent_retry_delay_ms),
         },
     );
-    let service = api::start(&client, repository, &settings)
+    let service = api::start(&client, sessions.clone(), publisher, &settings)
         .await
         .map_err(StartError::Api)?;
 
@@ -115,8 +172,21 @@ pub async fn run_with<R: Repository>(
         .instrument(info_span!("consumer")),
     );
     tasks.spawn(
-        timers::run(agents, settings.agents.timer_interval(), shutdown.clone())
-            .instrument(info_span!("timer")),
+        timers::run(
+            agents,
+            sessions.clone(),
+            settings.agents.timer_interval(),
+            shutdown.clone(),
+        )
+        .instrument(info_span!("timer")),
+    );
+    tasks.spawn(
+        timers::run_reconciler(
+            sessions,
+            Duration::from_secs(settings.workflows.reconcile_interval_secs),
+            shutdown.clone(),
+        )
+        .instrument(info_span!("reconciler")),
     );
     tasks.spawn(
         service

@@ -1,5 +1,6 @@
-//! The timer loop: liveness deadlines and the outbox sweep. Timers live in the repository, so
-//! any worker may fire a due one and a claim keeps two workers from firing it at once.
+//! The timer loop: agent liveness, workflow timers (lease deadlines, retry backoff, queue
+//! timeouts) and the outbox sweep; and the reconciler. Timers live in the repository, so any
+//! worker may fire a due one, and a claim keeps two workers from firing it at once.
 
 use std::time::Duration;
 
@@ -8,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::agents::Agents;
+use super::sessions::{SessionOutcome, Sessions};
 use crate::registry::AgentCommand;
 use crate::repository::{Repository, RepositoryError};
 
@@ -16,23 +18,30 @@ const BATCH: usize = 256;
 /// How long a claim keeps other workers off a timer; a worker that dies holding it delays the
 /// timer by at most this much.
 const CLAIM: chrono::Duration = chrono::Duration::seconds(10);
+/// Active sessions the reconciler reads per page.
+const RECONCILE_PAGE: usize = 200;
 
 /// What one round of timers did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TimerReport {
     /// Agents whose liveness deadline was checked.
     pub liveness_checked: usize,
+    /// Workflow timers fired.
+    pub workflow_timers: usize,
     /// Messages taken from the outbox and published again.
     pub outbox_republished: usize,
 }
 
 /// Runs due timers once; the loop calls this, and tests call it directly.
-pub async fn run_due<R: Repository>(agents: &Agents<R>) -> Result<TimerReport, RepositoryError> {
+pub async fn run_due<R: Repository>(
+    agents: &Agents<R>,
+    sessions: &Sessions<R>,
+) -> Result<TimerReport, RepositoryError> {
     let now = Utc::now();
+    let repository = agents.repository();
     let mut report = TimerReport::default();
 
-    let due = agents
-        .repository()
+    let due = repository
         .claim_due_liveness(now, now + CLAIM, BATCH)
         .await?;
     for agent_id in due {
@@ -42,10 +51,13 @@ pub async fn run_due<R: Repository>(agents: &Agents<R>) -> Result<TimerReport, R
         report.liveness_checked += 1;
     }
 
-    let stranded = agents
-        .repository()
-        .claim_due_outbox(now, now + CLAIM, BATCH)
-        .await?;
+    let timers = repository.claim_due_timers(now, now + CLAIM, BATCH).await?;
+    for timer in timers {
+        sessions.fire(&timer).await?;
+        report.workflow_timers += 1;
+    }
+
+    let stranded = repository.claim_due_outbox(now, now + CLAIM, BATCH).await?;
     if !stranded.is_empty() {
         report.outbox_republished = stranded.len();
         metrics::counter!("opscore_outbox_republished_total").increment(stranded.len() as u64);
@@ -58,8 +70,59 @@ pub async fn run_due<R: Repository>(agents: &Agents<R>) -> Result<TimerReport, R
     Ok(report)
 }
 
+/// What the reconciler found and repaired.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReconcileReport {
+    /// Active sessions examined.
+    pub sessions: usize,
+    /// Sessions with ready tasks that no event had placed: placed (or marked waiting) now.
+    pub placed: usize,
+}
+
+/// Re-examines every active session once. Placement is normally triggered by events; a
+/// session with ready tasks found here lost its trigger (a worker died between a commit and
+/// the placement that should follow it), and this repairs it.
+pub async fn reconcile<R: Repository>(
+    sessions: &Sessions<R>,
+) -> Result<ReconcileReport, RepositoryError> {
+    let repository = sessions.repository();
+    let mut report = ReconcileReport::default();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = repository
+            .active_sessions(cursor.as_deref(), RECONCILE_PAGE)
+            .await?;
+        for session_id in &page.items {
+            report.sessions += 1;
+            let Some(record) = repository.load_session(session_id).await? else {
+                continue;
+            };
+            let unplaced = record.value.tasks.iter().any(|task| {
+                task.pending.is_none()
+                    && record.value.ready_tasks(Utc::now()).contains(&task.task_id)
+            });
+            if unplaced && sessions.schedule(session_id).await? == SessionOutcome::Applied {
+                report.placed += 1;
+            }
+        }
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    if report.placed > 0 {
+        metrics::counter!("opscore_reconciler_repairs_total").increment(report.placed as u64);
+        warn!(
+            placed = report.placed,
+            "reconciler placed tasks no event had placed"
+        );
+    }
+    Ok(report)
+}
+
 pub(crate) async fn run<R: Repository>(
     agents: Agents<R>,
+    sessions: Sessions<R>,
     interval: Duration,
     shutdown: CancellationToken,
 ) {
@@ -71,20 +134,47 @@ pub(crate) async fn run<R: Repository>(
             () = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        match run_due(&agents).await {
-            Ok(report) => {
-                if failing {
-                    info!("timers running again");
-                    failing = false;
-                }
-                debug!(?report, "timers");
+        let result = run_due(&agents, &sessions).await;
+        failing = report_health("timers", result.map(|r| debug!(?r, "timers")), failing);
+    }
+}
+
+pub(crate) async fn run_reconciler<R: Repository>(
+    sessions: Sessions<R>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let result = reconcile(&sessions).await;
+        failing = report_health(
+            "reconciler",
+            result.map(|r| debug!(?r, "reconciled")),
+            failing,
+        );
+    }
+}
+
+/// Logs a storage outage once when it starts and once when it ends, not on every tick.
+fn report_health(loop_name: &str, result: Result<(), RepositoryError>, failing: bool) -> bool {
+    match result {
+        Ok(()) => {
+            if failing {
+                info!(loop_name, "storage reachable again");
             }
-            // Logged once per outage rather than on every tick.
-            Err(error) if !failing => {
-                warn!(%error, "timers cannot reach storage");
-                failing = true;
+            false
+        }
+        Err(error) => {
+            if !failing {
+                warn!(loop_name, %error, "cannot reach storage");
             }
-            Err(_) => {}
+            true
         }
     }
 }

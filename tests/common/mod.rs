@@ -594,3 +594,100 @@ pub fn ts(secs: i64) -> String {
     .to_utc()
     .to_rfc3339()
 }
+
+/// A simulated agent under the test's control: it registers and reports idle, then the test
+/// decides what it does with each assignment.
+pub struct SimAgent {
+    pub agent: AgentClient,
+    dispatch: async_nats::Subscriber,
+}
+
+impl SimAgent {
+    pub async fn start(nats: &NatsServer, id: &str, capabilities: &[&str], slots: u32) -> Self {
+        let client = nats.client().await;
+        let dispatch = client
+            .subscribe(format!("opscore.dispatch.{id}"))
+            .await
+            .expect("subscribe to dispatch");
+        client.flush().await.expect("flush");
+        let agent = AgentClient::new(nats, id).await;
+        let mut registration = registration(id, capabilities);
+        registration["maxConcurrentTasks"] = json!(slots);
+        agent.publish("register", registration).await;
+        agent.report("idle", &chrono::Utc::now().to_rfc3339()).await;
+        Self { agent, dispatch }
+    }
+
+    /// The next message on the agent's dispatch subject, as (CloudEvent type, data).
+    pub async fn next_message(&mut self) -> (String, Value) {
+        let message = tokio::time::timeout(WAIT, self.dispatch.next())
+            .await
+            .unwrap_or_else(|_| panic!("agent {} got no dispatch in time", self.agent.id))
+            .expect("dispatch subscription");
+        let event: Value = serde_json::from_slice(&message.payload).expect("dispatch is JSON");
+        (
+            event["type"].as_str().unwrap_or_default().to_owned(),
+            event["data"].clone(),
+        )
+    }
+
+    /// The next assignment; fails on anything else.
+    pub async fn next_assignment(&mut self) -> Value {
+        let (kind, data) = self.next_message().await;
+        assert_eq!(kind, "opscore.task.assigned.v1", "{data}");
+        data
+    }
+
+    /// Asserts that nothing reaches the dispatch subject within `quiet`.
+    pub async fn expect_nothing(&mut self, quiet: Duration) {
+        if let Ok(Some(message)) = tokio::time::timeout(quiet, self.dispatch.next()).await {
+            panic!(
+                "unexpected dispatch: {}",
+                String::from_utf8_lossy(&message.payload)
+            );
+        }
+    }
+
+    pub async fn progress(&self, task: &Value) {
+        let body =
+            json!({"taskId": task["taskId"], "leaseEpoch": task["leaseEpoch"], "details": {}});
+        self.agent.publish("task.progress", body).await;
+    }
+
+    pub async fn complete(&self, task: &Value, output: Value) {
+        let body = json!({"taskId": task["taskId"], "leaseEpoch": task["leaseEpoch"],
+            "status": "completed", "output": output});
+        self.agent.publish("task.result", body).await;
+    }
+
+    pub async fn fail(&self, task: &Value, message: &str, retryable: bool) {
+        let body = json!({"taskId": task["taskId"], "leaseEpoch": task["leaseEpoch"],
+            "status": "failed", "error": {"message": message, "retryable": retryable}});
+        self.agent.publish("task.result", body).await;
+    }
+}
+
+/// Waits for the session status event of `kind` (e.g. `session.completed`).
+pub async fn session_event(watcher: &mut Watcher, session_id: &str, kind: &str) -> Value {
+    let subject = format!("opscore.status.session.{session_id}");
+    watcher
+        .expect(&format!("{kind} of session {session_id}"), |s, body| {
+            s == subject && body["data"]["kind"] == kind
+        })
+        .await
+        .1["data"]
+        .clone()
+}
+
+/// Triggers a workflow through the control API and returns the session id.
+pub async fn trigger(nats: &NatsServer, request: Value) -> String {
+    let reply = api(nats, "workflow", "trigger", request)
+        .await
+        .expect("workflow.trigger");
+    reply["sessionId"].as_str().expect("sessionId").to_owned()
+}
+
+/// The directory holding the shipped sample workflow.
+pub fn sample_workflows() -> String {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/config/workflows").to_owned()
+}

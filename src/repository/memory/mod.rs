@@ -1,6 +1,8 @@
 //! The in-memory repository: the same contract as Redis, for a quick start and fast tests.
 //! State is lost when the process exits, and it cannot be shared between worker processes.
 
+mod sessions;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -28,6 +30,8 @@ struct State {
     capabilities: HashMap<String, BTreeSet<String>>,
     liveness: HashMap<String, DateTime<Utc>>,
     outbox: HashMap<String, (DateTime<Utc>, OutboxMessage)>,
+    workflows: sessions::Workflows,
+    sessions: sessions::Sessions,
 }
 
 impl MemoryRepository {
@@ -47,6 +51,34 @@ impl MemoryRepository {
     }
 }
 
+impl State {
+    fn seen_event(&self, agent_id: &str, event_id: &str) -> bool {
+        self.events
+            .get(agent_id)
+            .is_some_and(|events| events.contains_key(event_id))
+    }
+
+    fn record_event(
+        &mut self,
+        agent_id: &str,
+        event_id: &str,
+        now: DateTime<Utc>,
+        window: chrono::Duration,
+    ) {
+        let cutoff = now - window;
+        let events = self.events.entry(agent_id.to_owned()).or_default();
+        events.retain(|_, at| *at >= cutoff);
+        events.insert(event_id.to_owned(), now);
+    }
+
+    fn add_outbox(&mut self, messages: &[OutboxMessage], due: DateTime<Utc>) {
+        for message in messages {
+            self.outbox
+                .insert(message.id.clone(), (due, message.clone()));
+        }
+    }
+}
+
 impl AgentRepository for MemoryRepository {
     async fn load(&self, agent_id: &str) -> Result<Option<Versioned<Agent>>, RepositoryError> {
         Ok(self.state().agents.get(agent_id).cloned())
@@ -56,11 +88,11 @@ impl AgentRepository for MemoryRepository {
         let mut state = self.state();
         let id = commit.agent.agent_id.as_str();
         let current = state.agents.get(id).map_or(0, |record| record.version);
-        if let Some(event_id) = commit.event_id {
-            let seen = state.events.get(id).and_then(|events| events.get(event_id));
-            if seen.is_some() {
-                return Ok(CommitOutcome::Duplicate);
-            }
+        if commit
+            .event_id
+            .is_some_and(|event_id| state.seen_event(id, event_id))
+        {
+            return Ok(CommitOutcome::Duplicate);
         }
         if current != commit.expected_version {
             return Ok(CommitOutcome::Conflict);
@@ -75,10 +107,7 @@ impl AgentRepository for MemoryRepository {
             },
         );
         if let Some(event_id) = commit.event_id {
-            let cutoff = commit.now - self.options.dedupe_window;
-            let events = state.events.entry(id.to_owned()).or_default();
-            events.retain(|_, at| *at >= cutoff);
-            events.insert(event_id.to_owned(), commit.now);
+            state.record_event(id, event_id, commit.now, self.options.dedupe_window);
         }
         if let Some(entry) = commit.history {
             let history = state.history.entry(id.to_owned()).or_default();
@@ -100,12 +129,7 @@ impl AgentRepository for MemoryRepository {
             let members = state.capabilities.entry(capability.to_owned()).or_default();
             members.insert(id.to_owned());
         }
-        let due = commit.now + self.options.outbox_grace;
-        for message in commit.outbox {
-            state
-                .outbox
-                .insert(message.id.clone(), (due, message.clone()));
-        }
+        state.add_outbox(commit.outbox, commit.now + self.options.outbox_grace);
         Ok(CommitOutcome::Committed { version })
     }
 

@@ -10,6 +10,20 @@
 //! | `cap:<capability>` | zset | ids of agents with the capability |
 //! | `timers:liveness` | zset | agent ids, scored by liveness deadline (ms) |
 //! | `outbox` / `outbox:due` | hash / zset | unpublished messages and when to sweep them |
+//!
+//! and for workflows ([`sessions`]):
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `workflow:<id>` | hash | `latest` version, `v:<version>` definition JSON |
+//! | `workflows` | zset | every workflow id |
+//! | `session:<id>` | hash | `v` version, `d` session JSON with its tasks |
+//! | `sessions` / `sessions:active` | zset | every session id / those not ended |
+//! | `idem:<key>` | string | the session a trigger's idempotency key created |
+//! | `waiting:<capability>` | zset | sessions with a task waiting for such an agent |
+//! | `timers:workflow` / `timers:workflow:data` | zset / hash | lease, backoff and queue timers |
+
+mod sessions;
 
 use std::time::Duration;
 
@@ -35,6 +49,8 @@ pub struct RedisRepository {
     keys: Keys,
     options: RepositoryOptions,
     commit_agent: &'static Script,
+    commit_session: &'static Script,
+    define_workflow: &'static Script,
     claim_due: &'static Script,
 }
 
@@ -76,6 +92,33 @@ impl Keys {
     }
     fn outbox_due(&self) -> String {
         format!("{}outbox:due", self.prefix)
+    }
+    fn workflow(&self, id: &str) -> String {
+        format!("{}workflow:{id}", self.prefix)
+    }
+    fn workflows(&self) -> String {
+        format!("{}workflows", self.prefix)
+    }
+    fn session(&self, id: &str) -> String {
+        format!("{}session:{id}", self.prefix)
+    }
+    fn sessions(&self) -> String {
+        format!("{}sessions", self.prefix)
+    }
+    fn active_sessions(&self) -> String {
+        format!("{}sessions:active", self.prefix)
+    }
+    fn idempotency(&self, key: &str) -> String {
+        format!("{}idem:{key}", self.prefix)
+    }
+    fn waiting(&self, capability: &str) -> String {
+        format!("{}waiting:{capability}", self.prefix)
+    }
+    fn timers(&self) -> String {
+        format!("{}timers:workflow", self.prefix)
+    }
+    fn timer_data(&self) -> String {
+        format!("{}timers:workflow:data", self.prefix)
     }
 }
 
@@ -124,8 +167,10 @@ impl RedisRepository {
                 prefix: key_prefix.to_owned(),
             },
             options,
-            commit_agent: script(include_str!("scripts/commit_agent.lua")),
-            claim_due: script(include_str!("scripts/claim_due.lua")),
+            commit_agent: script(include_str!("../scripts/commit_agent.lua")),
+            commit_session: script(include_str!("../scripts/commit_session.lua")),
+            define_workflow: script(include_str!("../scripts/define_workflow.lua")),
+            claim_due: script(include_str!("../scripts/claim_due.lua")),
         })
     }
 

@@ -5,6 +5,10 @@
 //! `$SRV.STATS` only when the reply has no body, so opscore counts errors itself and reports
 //! them in each endpoint's `data`.
 
+mod agents;
+mod dlq;
+mod workflows;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -12,16 +16,17 @@ use async_nats::service::{self, Service, ServiceExt};
 use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::bus::Publisher;
 use crate::config::Settings;
-use crate::model::{Agent, AgentState, HistoryEntry};
-use crate::repository::{AgentFilter, Repository, RepositoryError};
+use crate::repository::{Repository, RepositoryError};
 use crate::subjects;
+use crate::worker::Sessions;
 
 /// Requests one endpoint handles at once.
 const CONCURRENCY: usize = 32;
@@ -73,7 +78,19 @@ impl From<RepositoryError> for ApiError {
 }
 
 /// The endpoints, as `(resource, verb)`.
-const ENDPOINTS: &[(&str, &str)] = &[("agent", "get"), ("agent", "list")];
+const ENDPOINTS: &[(&str, &str)] = &[
+    ("agent", "get"),
+    ("agent", "list"),
+    ("workflow", "define"),
+    ("workflow", "get"),
+    ("workflow", "list"),
+    ("workflow", "trigger"),
+    ("session", "get"),
+    ("session", "list"),
+    ("session", "cancel"),
+    ("dlq", "list"),
+    ("dlq", "replay"),
+];
 
 /// A started micro service with its endpoint subscriptions, ready to [`ApiService::serve`].
 pub struct ApiService<R> {
@@ -93,6 +110,8 @@ impl<R> std::fmt::Debug for ApiService<R> {
 #[derive(Debug)]
 struct ApiState<R> {
     repository: R,
+    sessions: Sessions<R>,
+    publisher: Publisher,
     history_length: usize,
     errors: Arc<Mutex<HashMap<String, u64>>>,
 }
@@ -100,7 +119,8 @@ struct ApiState<R> {
 /// Registers the service and its endpoints with NATS.
 pub async fn start<R: Repository>(
     client: &async_nats::Client,
-    repository: R,
+    sessions: Sessions<R>,
+    publisher: Publisher,
     settings: &Settings,
 ) -> Result<ApiService<R>, async_nats::Error> {
     let errors: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
@@ -132,7 +152,9 @@ pub async fn start<R: Repository>(
         service,
         endpoints,
         state: Arc::new(ApiState {
-            repository,
+            repository: sessions.repository().clone(),
+            sessions,
+            publisher,
             history_length: settings.agents.history_length,
             errors,
         }),
@@ -192,73 +214,18 @@ impl<R: Repository> ApiState<R> {
         match endpoint {
             "agent-get" => self.agent_get(parse(payload)?).await,
             "agent-list" => self.agent_list(parse(payload)?).await,
+            "workflow-define" => self.workflow_define(parse(payload)?).await,
+            "workflow-get" => self.workflow_get(parse(payload)?).await,
+            "workflow-list" => self.workflow_list().await,
+            "workflow-trigger" => self.workflow_trigger(parse(payload)?).await,
+            "session-get" => self.session_get(parse(payload)?).await,
+            "session-list" => self.session_list(parse(payload)?).await,
+            "session-cancel" => self.session_cancel(parse(payload)?).await,
+            "dlq-list" => self.dlq_list(parse(payload)?).await,
+            "dlq-replay" => self.dlq_replay(parse(payload)?).await,
             _ => Err(ApiError::not_found(format!("no endpoint {endpoint}"))),
         }
     }
-
-    async fn agent_get(&self, request: AgentGet) -> Result<Value, ApiError> {
-        let agent_id = checked_id("agentId", &request.agent_id)?;
-        let record =
-            self.repository.load(agent_id).await?.ok_or_else(|| {
-                ApiError::not_found(format!("agent {agent_id} is not registered"))
-            })?;
-        let history = self
-            .repository
-            .history(agent_id, self.history_length)
-            .await?;
-        to_value(&AgentView {
-            alive: record.value.is_alive(),
-            agent: &record.value,
-            history,
-        })
-    }
-
-    async fn agent_list(&self, request: AgentList) -> Result<Value, ApiError> {
-        let state = request
-            .state
-            .as_deref()
-            .map(str::parse::<AgentState>)
-            .transpose()
-            .map_err(|e| ApiError::bad_request(e.to_string()))?;
-        let cursor = request
-            .cursor
-            .as_deref()
-            .map(|cursor| checked_id("cursor", cursor))
-            .transpose()?;
-        let filter = AgentFilter {
-            capability: request.capability,
-            state,
-        };
-        let page = self
-            .repository
-            .list(&filter, cursor, limit(request.limit)?)
-            .await?;
-        Ok(json!({ "agents": page.items, "nextCursor": page.next_cursor }))
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct AgentGet {
-    agent_id: String,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
-struct AgentList {
-    capability: Option<String>,
-    state: Option<String>,
-    limit: Option<usize>,
-    cursor: Option<String>,
-}
-
-/// `agent.get`'s reply: the record, its liveness and its recent history.
-#[derive(Debug, Serialize)]
-struct AgentView<'a> {
-    #[serde(flatten)]
-    agent: &'a Agent,
-    alive: bool,
-    history: Vec<HistoryEntry>,
 }
 
 /// Parses a request body; an empty body is an empty object.
@@ -271,11 +238,11 @@ fn parse<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, ApiError> 
     serde_json::from_slice(payload).map_err(|e| ApiError::bad_request(format!("request: {e}")))
 }
 
-fn checked_id<'a>(field: &str, id: &'a str) -> Result<&'a str, ApiError> {
+pub(crate) fn checked_id<'a>(field: &str, id: &'a str) -> Result<&'a str, ApiError> {
     subjects::token(id).map_err(|e| ApiError::bad_request(format!("{field}: {e}")))
 }
 
-fn limit(requested: Option<usize>) -> Result<usize, ApiError> {
+pub(crate) fn limit(requested: Option<usize>) -> Result<usize, ApiError> {
     match requested {
         None => Ok(DEFAULT_LIMIT),
         Some(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
@@ -285,7 +252,7 @@ fn limit(requested: Option<usize>) -> Result<usize, ApiError> {
     }
 }
 
-fn to_value<T: Serialize>(value: &T) -> Result<Value, ApiError> {
+pub(crate) fn to_value<T: Serialize>(value: &T) -> Result<Value, ApiError> {
     serde_json::to_value(value).map_err(|e| ApiError::internal(e.to_string()))
 }
 

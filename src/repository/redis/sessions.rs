@@ -1,0 +1,379 @@
+//! Workflows and sessions in Redis; the key layout is in the parent module.
+
+use chrono::{DateTime, Utc};
+
+use super::{RedisRepository, decode, millis, unavailable};
+use crate::model::{Agent, Page};
+use crate::repository::sessions::{
+    DefineOutcome, SessionCommit, SessionCommitOutcome, SessionFilter, SessionRepository,
+    WorkflowRepository,
+};
+use crate::repository::{RepositoryError, Versioned};
+use crate::workflow::{Session, Timer, WorkflowDefinition};
+
+/// How long a trigger's idempotency key keeps naming its session.
+const IDEMPOTENCY_TTL_SECS: u64 = 7 * 24 * 3600;
+/// Records read per round trip while filtering a listing, and per listing call at most.
+const LIST_BATCH: usize = 100;
+const LIST_BUDGET: usize = 2_000;
+
+fn encode<T: serde::Serialize>(key: &str, value: &T) -> Result<String, RepositoryError> {
+    serde_json::to_string(value).map_err(|source| RepositoryError::Corrupt {
+        key: key.to_owned(),
+        source,
+    })
+}
+
+impl RedisRepository {
+    /// Reads `(version, record)` of many hashes in one round trip; missing ones are skipped.
+    async fn load_many<T: serde::de::DeserializeOwned>(
+        &self,
+        keys: &[String],
+    ) -> Result<Vec<Versioned<T>>, RepositoryError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("HMGET").arg(key).arg("v").arg("d");
+        }
+        let mut connection = self.connection.clone();
+        let rows: Vec<(Option<u64>, Option<String>)> = pipe
+            .query_async(&mut connection)
+            .await
+            .map_err(unavailable)?;
+        let mut records = Vec::with_capacity(rows.len());
+        for (key, row) in keys.iter().zip(rows) {
+            if let (Some(version), Some(data)) = row {
+                records.push(Versioned {
+                    version,
+                    value: decode(key, &data)?,
+                });
+            }
+        }
+        Ok(records)
+    }
+}
+
+impl WorkflowRepository for RedisRepository {
+    async fn define(
+        &self,
+        definition: &WorkflowDefinition,
+    ) -> Result<DefineOutcome, RepositoryError> {
+        let key = self.keys.workflow(&definition.id);
+        let json = encode(&key, definition)?;
+        let mut connection = self.connection.clone();
+        let outcome: String = self
+            .define_workflow
+            .key(&key)
+            .key(self.keys.workflows())
+            .arg(&definition.id)
+            .arg(&definition.version)
+            .arg(json)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(unavailable)?;
+        Ok(match outcome.as_str() {
+            "created" => DefineOutcome::Created,
+            "unchanged" => DefineOutcome::Unchanged,
+            _ => DefineOutcome::VersionExists,
+        })
+    }
+
+    async fn workflow(
+        &self,
+        workflow_id: &str,
+        version: Option<&str>,
+    ) -> Result<Option<WorkflowDefinition>, RepositoryError> {
+        let key = self.keys.workflow(workflow_id);
+        let mut connection = self.connection.clone();
+        let version = match version {
+            Some(version) => version.to_owned(),
+            None => {
+                let latest: Option<String> = redis::cmd("HGET")
+                    .arg(&key)
+                    .arg("latest")
+                    .query_async(&mut connection)
+                    .await
+                    .map_err(unavailable)?;
+                let Some(latest) = latest else {
+                    return Ok(None);
+                };
+                latest
+            }
+        };
+        let json: Option<String> = redis::cmd("HGET")
+            .arg(&key)
+            .arg(format!("v:{version}"))
+            .query_async(&mut connection)
+            .await
+            .map_err(unavailable)?;
+        json.map(|json| decode(&key, &json)).transpose()
+    }
+
+    async fn workflows(&self) -> Result<Vec<WorkflowDefinition>, RepositoryError> {
+        let mut connection = self.connection.clone();
+        let ids: Vec<String> = redis::cmd("ZRANGE")
+            .arg(self.keys.workflows())
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut connection)
+            .await
+            .map_err(unavailable)?;
+        let mut definitions = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(definition) = self.workflow(&id, None).await? {
+                definitions.push(definition);
+            }
+        }
+        Ok(definitions)
+    }
+}
+
+impl SessionRepository for RedisRepository {
+    async fn load_session(
+        &self,
+        session_id: &str,
+    ) -> Result<Option<Versioned<Session>>, RepositoryError> {
+        let mut records = self.load_many(&[self.keys.session(session_id)]).await?;
+        Ok(records.pop())
+    }
+
+    async fn commit_session(
+        &self,
+        commit: SessionCommit<'_>,
+    ) -> Result<SessionCommitOutcome, RepositoryError> {
+        let session = commit.session;
+        let id = session.session_id.as_str();
+        let session_json = encode(&self.keys.session(id), session)?;
+        let (event_agent, event_id) = commit.event.unwrap_or(("", ""));
+
+        let mut invocation = self.commit_session.prepare_invoke();
+        invocation
+            .key(self.keys.session(id))
+            .key(self.keys.sessions())
+            .key(self.keys.active_sessions())
+            .key(self.keys.timers())
+            .key(self.keys.timer_data())
+            .key(self.keys.outbox())
+            .key(self.keys.outbox_due())
+            .key(self.keys.events(event_agent))
+            .key(self.keys.idempotency(commit.idempotency_key.unwrap_or("")));
+        for (agent, _) in &commit.agents {
+            invocation.key(self.keys.agent(&agent.agent_id));
+        }
+        for capability in commit.waiting_leave.iter().chain(&commit.waiting_join) {
+            invocation.key(self.keys.waiting(capability));
+        }
+
+        invocation
+            .arg(commit.expected_version)
+            .arg(session_json)
+            .arg(id)
+            .arg(if session.status.is_ended() { "1" } else { "0" })
+            .arg(event_id)
+            .arg(millis(commit.now))
+            .arg(millis(commit.now - self.options.dedupe_window))
+            .arg(IDEMPOTENCY_TTL_SECS)
+            .arg(if commit.idempotency_key.is_some() {
+                "1"
+            } else {
+                ""
+            })
+            .arg(commit.agents.len())
+            .arg(commit.waiting_leave.len())
+            .arg(commit.waiting_join.len())
+            .arg(commit.timers_set.len())
+            .arg(commit.timers_clear.len())
+            .arg(commit.outbox.len())
+            .arg(millis(commit.now + self.options.outbox_grace));
+        for (agent, version) in &commit.agents {
+            let key = self.keys.agent(&agent.agent_id);
+            invocation.arg(*version).arg(encode(&key, agent)?);
+        }
+        for key in &commit.timers_clear {
+            invocation.arg(key);
+        }
+        for timer in &commit.timers_set {
+            invocation
+                .arg(timer.key())
+                .arg(millis(timer.at))
+                .arg(encode(&self.keys.timer_data(), timer)?);
+        }
+        for message in commit.outbox {
+            invocation
+                .arg(&message.id)
+                .arg(encode(&self.keys.outbox(), message)?);
+        }
+
+        let mut connection = self.connection.clone();
+        let (status, owner): (String, String) = invocation
+            .invoke_async(&mut connection)
+            .await
+            .map_err(unavailable)?;
+        Ok(match status.as_str() {
+            "ok" => SessionCommitOutcome::Committed,
+            "duplicate" => SessionCommitOutcome::Duplicate,
+            "key_taken" => SessionCommitOutcome::KeyTaken(owner),
+            _ => SessionCommitOutcome::Conflict,
+        })
+    }
+
+    async fn list_sessions(
+        &self,
+        filter: &SessionFilter,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<Session>, RepositoryError> {
+        let mut connection = self.connection.clone();
+        let mut items = Vec::new();
+        let mut before = cursor.map(str::to_owned);
+        let mut read = 0;
+        loop {
+            let max = before
+                .as_ref()
+                .map_or("+".to_owned(), |id| format!("({id}"));
+            let ids: Vec<String> = redis::cmd("ZREVRANGEBYLEX")
+                .arg(self.keys.sessions())
+                .arg(&max)
+                .arg("-")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(LIST_BATCH)
+                .query_async(&mut connection)
+                .await
+                .map_err(unavailable)?;
+            let keys: Vec<String> = ids.iter().map(|id| self.keys.session(id)).collect();
+            let sessions: Vec<Versioned<Session>> = self.load_many(&keys).await?;
+            read += ids.len();
+            for session in sessions {
+                let session = session.value;
+                before = Some(session.session_id.clone());
+                if filter.matches(&session) {
+                    items.push(session);
+                    if items.len() == limit {
+                        return Ok(Page {
+                            items,
+                            next_cursor: before,
+                        });
+                    }
+                }
+            }
+            if ids.len() < LIST_BATCH {
+                return Ok(Page {
+                    items,
+                    next_cursor: None,
+                });
+            }
+            if read >= LIST_BUDGET {
+                return Ok(Page {
+                    items,
+                    next_cursor: before,
+                });
+            }
+        }
+    }
+
+    async fn active_sessions(
+        &self,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<String>, RepositoryError> {
+        let min = cursor.map_or("-".to_owned(), |id| format!("({id}"));
+        let mut connection = self.connection.clone();
+        let ids: Vec<String> = redis::cmd("ZRANGEBYLEX")
+            .arg(self.keys.active_sessions())
+            .arg(&min)
+            .arg("+")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut connection)
+            .await
+            .map_err(unavailable)?;
+        let next_cursor = (ids.len() == limit).then(|| ids.last().cloned()).flatten();
+        Ok(Page {
+            items: ids,
+            next_cursor,
+        })
+    }
+
+    async fn waiting_sessions(
+        &self,
+        capability: &str,
+        limit: usize,
+    ) -> Result<Vec<String>, RepositoryError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut connection = self.connection.clone();
+        redis::cmd("ZRANGE")
+            .arg(self.keys.waiting(capability))
+            .arg(0)
+            .arg(limit - 1)
+            .query_async(&mut connection)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn capable_agents(
+        &self,
+        capability: &str,
+        limit: usize,
+    ) -> Result<Vec<Versioned<Agent>>, RepositoryError> {
+        let mut connection = self.connection.clone();
+        let ids: Vec<String> = redis::cmd("ZRANGEBYLEX")
+            .arg(self.keys.capability(capability))
+            .arg("-")
+            .arg("+")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut connection)
+            .await
+            .map_err(unavailable)?;
+        let keys: Vec<String> = ids.iter().map(|id| self.keys.agent(id)).collect();
+        self.load_many(&keys).await
+    }
+
+    async fn claim_due_timers(
+        &self,
+        now: DateTime<Utc>,
+        claim_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<Timer>, RepositoryError> {
+        let keys = self
+            .claim(self.keys.timers(), now, claim_until, limit)
+            .await?;
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let data_key = self.keys.timer_data();
+        let mut connection = self.connection.clone();
+        let timers: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(&data_key)
+            .arg(&keys)
+            .query_async(&mut connection)
+            .await
+            .map_err(unavailable)?;
+        timers
+            .into_iter()
+            .flatten()
+            .map(|json| decode(&data_key, &json))
+            .collect()
+    }
+
+    async fn clear_timers(&self, keys: &[String]) -> Result<(), RepositoryError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut connection = self.connection.clone();
+        redis::pipe()
+            .atomic()
+            .zrem(self.keys.timers(), keys)
+            .hdel(self.keys.timer_data(), keys)
+            .query_async::<()>(&mut connection)
+            .await
+            .map_err(unavailable)
+    }
+}

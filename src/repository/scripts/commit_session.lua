@@ -1,0 +1,93 @@
+-- Compare-and-set of one session together with the agent records whose leases it changes,
+-- and everything that must change with them.
+--
+-- KEYS: 1 session hash, 2 index of all sessions, 3 index of active sessions, 4 timers (zset),
+--       5 timer data (hash), 6 outbox messages (hash), 7 outbox due times (zset),
+--       8 applied event ids of the reporting agent (zset), 9 idempotency key,
+--       10.. agent hashes, then waiting indexes to leave, then waiting indexes to join
+-- ARGV: 1 expected session version, 2 session JSON, 3 session id, 4 "1" when ended,
+--       5 event id or "", 6 now (ms), 7 forget event ids applied before this (ms),
+--       8 idempotency key lifetime (s), 9 "1" to claim the idempotency key,
+--       10 agents, 11 waiting indexes to leave, 12 to join, 13 timers to set, 14 to clear,
+--       15 outbox messages, 16 outbox due time (ms),
+--       17.. per agent: expected version, record JSON;
+--            timers to clear: key; timers to set: key, due (ms), JSON;
+--            outbox: message id, payload
+-- Returns {"ok", ""} | {"duplicate", ""} | {"key_taken", session id} | {"conflict", ""}
+
+local function version(key)
+  return tonumber(redis.call('HGET', key, 'v') or '0')
+end
+
+local agents = tonumber(ARGV[10])
+local leave = tonumber(ARGV[11])
+local join = tonumber(ARGV[12])
+local set = tonumber(ARGV[13])
+local clear = tonumber(ARGV[14])
+local outbox = tonumber(ARGV[15])
+local session_id = ARGV[3]
+local event_id = ARGV[5]
+
+if event_id ~= '' and redis.call('ZSCORE', KEYS[8], event_id) then
+  return {'duplicate', ''}
+end
+if ARGV[9] == '1' then
+  local owner = redis.call('GET', KEYS[9])
+  if owner then
+    return {'key_taken', owner}
+  end
+end
+if version(KEYS[1]) ~= tonumber(ARGV[1]) then
+  return {'conflict', ''}
+end
+for i = 1, agents do
+  if version(KEYS[9 + i]) ~= tonumber(ARGV[15 + 2 * i]) then
+    return {'conflict', ''}
+  end
+end
+
+redis.call('HSET', KEYS[1], 'v', tonumber(ARGV[1]) + 1, 'd', ARGV[2])
+redis.call('ZADD', KEYS[2], 0, session_id)
+if ARGV[4] == '1' then
+  redis.call('ZREM', KEYS[3], session_id)
+else
+  redis.call('ZADD', KEYS[3], 0, session_id)
+end
+for i = 1, agents do
+  redis.call('HSET', KEYS[9 + i], 'v', tonumber(ARGV[15 + 2 * i]) + 1, 'd', ARGV[16 + 2 * i])
+end
+
+if event_id ~= '' then
+  redis.call('ZADD', KEYS[8], ARGV[6], event_id)
+  redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', '(' .. ARGV[7])
+end
+if ARGV[9] == '1' then
+  redis.call('SET', KEYS[9], session_id, 'EX', tonumber(ARGV[8]))
+end
+
+for i = 1, leave do
+  redis.call('ZREM', KEYS[9 + agents + i], session_id)
+end
+for i = 1, join do
+  redis.call('ZADD', KEYS[9 + agents + leave + i], 'NX', ARGV[6], session_id)
+end
+
+-- Clear before set: a progress report re-arms a lease timer under the same key.
+local p = 17 + 2 * agents
+for _ = 1, clear do
+  redis.call('ZREM', KEYS[4], ARGV[p])
+  redis.call('HDEL', KEYS[5], ARGV[p])
+  p = p + 1
+end
+for _ = 1, set do
+  redis.call('ZADD', KEYS[4], ARGV[p + 1], ARGV[p])
+  redis.call('HSET', KEYS[5], ARGV[p], ARGV[p + 2])
+  p = p + 3
+end
+for _ = 1, outbox do
+  redis.call('HSET', KEYS[6], ARGV[p], ARGV[p + 1])
+  redis.call('ZADD', KEYS[7], ARGV[16], ARGV[p])
+  p = p + 2
+end
+
+return {'ok', ''}

@@ -1,0 +1,687 @@
+//! Running sessions: each operation loads a session, lets the pure engine decide, commits the
+//! session together with the agents whose leases change, then publishes and follows up.
+//!
+//! Follow-ups are what makes placement event-driven: a finished task makes its dependents
+//! ready (place them now), a released lease frees a slot (place what waits for that agent's
+//! capabilities), an agent that registers or becomes idle does the same.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value, json};
+use tracing::{debug, info, warn};
+
+use crate::bus::Publisher;
+use crate::model::{Agent, Lease};
+use crate::outbox::OutboxMessage;
+use crate::repository::sessions::waiting_capabilities;
+use crate::repository::{
+    Repository, RepositoryError, SessionCommit, SessionCommitOutcome, Versioned,
+};
+use crate::subjects;
+use crate::workflow::{
+    Candidate, Effect, Rejection, Session, Timer, TimerKind, WorkflowDefinition, choose_agent,
+};
+
+/// Compare-and-set attempts before an operation gives up for now.
+const MAX_ATTEMPTS: usize = 16;
+/// Agents of one capability considered for a placement.
+const CANDIDATE_LIMIT: usize = 1_000;
+/// Waiting sessions re-examined when one agent becomes available.
+const WAITING_BATCH: usize = 32;
+
+/// How an operation on a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionOutcome {
+    Applied,
+    /// The engine refused it (stale lease, unknown task, session ended, ...).
+    Rejected(Rejection),
+    /// The event was applied before.
+    Duplicate,
+    /// No such session.
+    NotFound,
+    /// Other writers kept winning; try again later.
+    Contended,
+}
+
+/// Why a trigger failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TriggerError {
+    #[error("workflow {0} is not defined")]
+    UnknownWorkflow(String),
+    #[error("agent {0} is not registered")]
+    UnknownAgent(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Storage(#[from] RepositoryError),
+    #[error("session could not be created: too many concurrent changes")]
+    Contended,
+}
+
+/// What a trigger asks for.
+#[derive(Debug, Clone)]
+pub struct Trigger {
+    pub definition: WorkflowDefinition,
+    pub input: Value,
+    pub agent_id: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub metadata: Map<String, Value>,
+}
+
+/// A started (or, for a repeated idempotency key, existing) session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Triggered {
+    pub session_id: String,
+    pub workflow_id: String,
+    pub created: bool,
+}
+
+/// A task report from an agent, as the engine takes it.
+#[derive(Debug, Clone)]
+pub enum Report {
+    Progress {
+        lease_epoch: u64,
+    },
+    Result {
+        lease_epoch: u64,
+        outcome: crate::workflow::TaskOutcome,
+    },
+    Legacy(crate::workflow::LegacyReport),
+}
+
+/// What to do after a commit.
+#[derive(Debug, Default)]
+struct FollowUps {
+    sessions: BTreeSet<String>,
+    agents: BTreeSet<String>,
+}
+
+/// Sessions as the worker runs them.
+#[derive(Debug, Clone)]
+pub struct Sessions<R> {
+    repository: R,
+    publisher: Publisher,
+}
+
+impl<R: Repository> Sessions<R> {
+    pub fn new(repository: R, publisher: Publisher) -> Self {
+        Self {
+            repository,
+            publisher,
+        }
+    }
+
+    pub fn repository(&self) -> &R {
+        &self.repository
+    }
+
+    /// Starts a session and places its first tasks. A repeated idempotency key returns the
+    /// session it created.
+    pub async fn trigger(&self, trigger: Trigger) -> Result<Triggered, TriggerError> {
+        if let Some(agent_id) = &trigger.agent_id {
+            subjects::token(agent_id).map_err(|e| TriggerError::Invalid(e.to_string()))?;
+            if self.repository.load(agent_id).await?.is_none() {
+                return Err(TriggerError::UnknownAgent(agent_id.clone()));
+            }
+        }
+        let now = Utc::now();
+        let session_id = uuid::Uuid::now_v7().to_string();
+        let workflow_id = trigger.definition.id.clone();
+        let (session, effects) = Session::start(
+            trigger.definition,
+            &session_id,
+            trigger.input,
+            trigger.agent_id,
+            trigger.metadata,
+            now,
+        )
+        .map_err(|e| TriggerError::Invalid(e.to_string()))?;
+
+        let mut change = Change::new(session, 0, now);
+        change.absorb(&self.repository, effects).await?;
+        match change
+            .commit(&self.repository, None, trigger.idempotency_key.as_deref())
+            .await?
+        {
+            SessionCommitOutcome::Committed => {}
+            SessionCommitOutcome::KeyTaken(existing) => {
+                return Ok(Triggered {
+                    session_id: existing,
+                    workflow_id,
+                    created: false,
+                });
+            }
+            SessionCommitOutcome::Conflict | SessionCommitOutcome::Duplicate => {
+                return Err(TriggerError::Contended);
+            }
+        }
+        metrics::counter!("opscore_sessions_started_total").increment(1);
+        info!(session_id, workflow_id, "session started");
+        self.publisher.flush(&self.repository, &change.outbox).await;
+        self.follow_up(FollowUps {
+            sessions: BTreeSet::from([session_id.clone()]),
+            agents: BTreeSet::new(),
+        })
+        .await;
+        Ok(Triggered {
+            session_id,
+            workflow_id,
+            created: true,
+        })
+    }
+
+    /// Applies an agent's report on one of its tasks. `event` is (agent id, event id) for
+    /// deduplication.
+    pub async fn report(
+        &self,
+        agent_id: &str,
+        event_id: &str,
+        task_id: &str,
+        report: Report,
+    ) -> Result<SessionOutcome, RepositoryError> {
+        let Some(session_id) = session_of_task(task_id) else {
+            return Ok(SessionOutcome::NotFound);
+        };
+        self.apply(
+            session_id,
+            Some((agent_id, event_id)),
+            &[],
+            |session, now| {
+                let jitter = rand::random::<f64>();
+                match report.clone() {
+                    Report::Progress { lease_epoch } => {
+                        session.apply_progress(task_id, agent_id, lease_epoch, now)
+                    }
+                    Report::Result {
+                        lease_epoch,
+                        outcome,
+                    } => session.apply_result(task_id, agent_id, lease_epoch, outcome, jitter, now),
+                    Report::Legacy(legacy) => {
+                        session.apply_legacy(task_id, agent_id, legacy, jitter, now)
+                    }
+                }
+            },
+        )
+        .await
+    }
+
+    /// Cancels a session, telling every lease holder to stop. Returns the cancelled session.
+    pub async fn cancel(
+        &self,
+        session_id: &str,
+    ) -> Result<(SessionOutcome, Option<Session>), RepositoryError> {
+        let outcome = self
+            .apply(session_id, None, &[], |session, now| session.cancel(now))
+            .await?;
+        if outcome == SessionOutcome::Applied {
+            metrics::counter!("opscore_sessions_cancelled_total").increment(1);
+        }
+        let session = self
+            .repository
+            .load_session(session_id)
+            .await?
+            .map(|record| record.value);
+        Ok((outcome, session))
+    }
+
+    /// Fires one due timer.
+    pub async fn fire(&self, timer: &Timer) -> Result<SessionOutcome, RepositoryError> {
+        let key = [timer.key()];
+        let outcome = match &timer.kind {
+            TimerKind::LeaseDeadline {
+                task_id,
+                lease_epoch,
+            } => {
+                self.apply(&timer.session_id, None, &key, |session, now| {
+                    let effects =
+                        session.lease_expired(task_id, *lease_epoch, rand::random::<f64>(), now);
+                    if !effects.is_empty() {
+                        metrics::counter!("opscore_tasks_timed_out_total").increment(1);
+                    }
+                    Ok(effects)
+                })
+                .await?
+            }
+            TimerKind::QueueTimeout { task_id, .. } => {
+                self.apply(&timer.session_id, None, &key, |session, now| {
+                    Ok(session.queue_timeout(task_id, now))
+                })
+                .await?
+            }
+            TimerKind::Backoff { .. } => self.place(&timer.session_id, &key).await?,
+        };
+        if outcome == SessionOutcome::NotFound {
+            self.repository.clear_timers(&key).await?;
+        }
+        Ok(outcome)
+    }
+
+    /// Places the ready tasks of sessions waiting for the capabilities of `agent_id`.
+    pub async fn agent_available(&self, agent_id: &str) {
+        self.follow_up(FollowUps {
+            sessions: BTreeSet::new(),
+            agents: BTreeSet::from([agent_id.to_owned()]),
+        })
+        .await;
+    }
+
+    /// Places the ready tasks of a session: each goes to the least recently assigned eligible
+    /// agent, or records why it waits.
+    pub async fn schedule(&self, session_id: &str) -> Result<SessionOutcome, RepositoryError> {
+        let outcome = self.place(session_id, &[]).await?;
+        Ok(outcome)
+    }
+
+    async fn place(
+        &self,
+        session_id: &str,
+        timers_fired: &[String],
+    ) -> Result<SessionOutcome, RepositoryError> {
+        for _ in 0..MAX_ATTEMPTS {
+            let Some(record) = self.repository.load_session(session_id).await? else {
+                return Ok(SessionOutcome::NotFound);
+            };
+            let now = Utc::now();
+            let ready = record.value.ready_tasks(now);
+            if ready.is_empty() && timers_fired.is_empty() {
+                return Ok(SessionOutcome::Applied);
+            }
+
+            // Candidates for every capability the ready tasks need, read before deciding.
+            let mut agents: BTreeMap<String, (Agent, u64)> = BTreeMap::new();
+            let capabilities: BTreeSet<String> = record
+                .value
+                .tasks
+                .iter()
+                .filter(|task| ready.contains(&task.task_id))
+                .map(|task| task.capability.clone())
+                .collect();
+            for capability in &capabilities {
+                for agent in self
+                    .repository
+                    .capable_agents(capability, CANDIDATE_LIMIT)
+                    .await?
+                {
+                    agents.insert(agent.value.agent_id.clone(), (agent.value, agent.version));
+                }
+            }
+
+            let mut change = Change::new(record.value, record.version, now);
+            change.agents = agents;
+            change.timers_clear.extend(timers_fired.iter().cloned());
+            let pinned = change.session.agent_id.clone();
+            for task_id in ready {
+                let Some(task) = change.session.tasks.iter().find(|t| t.task_id == task_id) else {
+                    continue;
+                };
+                let capability = task.capability.clone();
+                let candidates: Vec<Candidate> = change
+                    .agents
+                    .values()
+                    .map(|(agent, _)| candidate(agent))
+                    .collect();
+                let effects = match choose_agent(&candidates, &capability, pinned.as_deref()) {
+                    Ok(agent_id) => {
+                        let effects = change.session.assign(&task_id, &agent_id, now);
+                        let effects = effects.map_err(|e| {
+                            // The engine listed the task as ready a moment ago.
+                            warn!(%e, session_id, task_id, "placement refused");
+                        });
+                        let Ok(effects) = effects else { continue };
+                        change.reserve(&agent_id, &task_id, now);
+                        metrics::counter!("opscore_tasks_dispatched_total").increment(1);
+                        effects
+                    }
+                    Err(reason) => match change.session.mark_waiting(&task_id, reason, now) {
+                        Ok(effects) => effects,
+                        Err(e) => {
+                            warn!(%e, session_id, task_id, "cannot record why the task waits");
+                            continue;
+                        }
+                    },
+                };
+                change.absorb(&self.repository, effects).await?;
+            }
+
+            match change.commit(&self.repository, None, None).await? {
+                SessionCommitOutcome::Committed => {
+                    self.publisher.flush(&self.repository, &change.outbox).await;
+                    return Ok(SessionOutcome::Applied);
+                }
+                SessionCommitOutcome::Conflict => {
+                    debug!(session_id, "placement conflict; retrying")
+                }
+                SessionCommitOutcome::Duplicate | SessionCommitOutcome::KeyTaken(_) => {
+                    return Ok(SessionOutcome::Duplicate);
+                }
+            }
+        }
+        Ok(SessionOutcome::Contended)
+    }
+
+    /// Loads a session, applies `decide`, commits with the agents whose leases it released,
+    /// publishes, then places what became ready and what waits for the freed agents.
+    async fn apply<F>(
+        &self,
+        session_id: &str,
+        event: Option<(&str, &str)>,
+        timers_fired: &[String],
+        decide: F,
+    ) -> Result<SessionOutcome, RepositoryError>
+    where
+        F: Fn(&mut Session, DateTime<Utc>) -> Result<Vec<Effect>, Rejection>,
+    {
+        for _ in 0..MAX_ATTEMPTS {
+            let Some(record) = self.repository.load_session(session_id).await? else {
+                return Ok(SessionOutcome::NotFound);
+            };
+            let now = Utc::now();
+            let mut session = record.value;
+            let effects = match decide(&mut session, now) {
+                Ok(effects) => effects,
+                Err(rejection) => return Ok(SessionOutcome::Rejected(rejection)),
+            };
+            let mut change = Change::new(session, record.version, now);
+            change.timers_clear.extend(timers_fired.iter().cloned());
+            change.absorb(&self.repository, effects).await?;
+
+            match change.commit(&self.repository, event, None).await? {
+                SessionCommitOutcome::Committed => {
+                    self.publisher.flush(&self.repository, &change.outbox).await;
+                    let follow_ups = FollowUps {
+                        sessions: BTreeSet::from([session_id.to_owned()]),
+                        agents: change.released.clone(),
+                    };
+                    self.follow_up(follow_ups).await;
+                    return Ok(SessionOutcome::Applied);
+                }
+                SessionCommitOutcome::Conflict => debug!(session_id, "session conflict; retrying"),
+                SessionCommitOutcome::Duplicate | SessionCommitOutcome::KeyTaken(_) => {
+                    return Ok(SessionOutcome::Duplicate);
+                }
+            }
+        }
+        Ok(SessionOutcome::Contended)
+    }
+
+    /// Places the ready tasks of the given sessions and of the sessions waiting for the
+    /// capabilities of the given agents. Failures are left to the reconciler.
+    async fn follow_up(&self, follow_ups: FollowUps) {
+        let mut sessions: VecDeque<String> = follow_ups.sessions.into_iter().collect();
+        for agent_id in follow_ups.agents {
+            let agent = match self.repository.load(&agent_id).await {
+                Ok(Some(record)) => record.value,
+                Ok(None) => continue,
+                Err(error) => {
+                    debug!(%error, agent_id, "cannot load agent for placement");
+                    continue;
+                }
+            };
+            for capability in &agent.capabilities {
+                match self
+                    .repository
+                    .waiting_sessions(capability, WAITING_BATCH)
+                    .await
+                {
+                    Ok(waiting) => sessions.extend(waiting),
+                    Err(error) => debug!(%error, capability, "cannot read waiting sessions"),
+                }
+            }
+        }
+        let mut seen = BTreeSet::new();
+        while let Some(session_id) = sessions.pop_front() {
+            if !seen.insert(session_id.clone()) {
+                continue;
+            }
+            if let Err(error) = self.place(&session_id, &[]).await {
+                debug!(%error, session_id, "placement failed; the reconciler will retry");
+            }
+        }
+    }
+}
+
+/// A session being changed, the agents it touches and what to do once it is committed.
+#[derive(Debug)]
+struct Change {
+    session: Session,
+    version: u64,
+    waiting_before: Vec<String>,
+    /// Agents read for this change, by id, with the version read.
+    agents: BTreeMap<String, (Agent, u64)>,
+    /// Ids of the agents whose records this change modifies.
+    changed: BTreeSet<String>,
+    /// Agents that got a slot back.
+    released: BTreeSet<String>,
+    timers_set: Vec<Timer>,
+    timers_clear: Vec<String>,
+    outbox: Vec<OutboxMessage>,
+    now: DateTime<Utc>,
+}
+
+impl Change {
+    fn new(session: Session, version: u64, now: DateTime<Utc>) -> Self {
+        let waiting_before = if version == 0 {
+            Vec::new()
+        } else {
+            waiting_capabilities(&session)
+        };
+        Self {
+            session,
+            version,
+            waiting_before,
+            agents: BTreeMap::new(),
+            changed: BTreeSet::new(),
+            released: BTreeSet::new(),
+            timers_set: Vec::new(),
+            timers_clear: Vec::new(),
+            outbox: Vec::new(),
+            now,
+        }
+    }
+
+    /// Takes a slot of `agent_id` for the task's new lease.
+    fn reserve(&mut self, agent_id: &str, task_id: &str, now: DateTime<Utc>) {
+        let Some(task) = self.session.tasks.iter().find(|t| t.task_id == task_id) else {
+            return;
+        };
+        let lease = Lease {
+            session_id: self.session.session_id.clone(),
+            task_id: task_id.to_owned(),
+            lease_epoch: task.lease_epoch,
+        };
+        if let Some((agent, _)) = self.agents.get_mut(agent_id) {
+            agent.leases.push(lease);
+            agent.last_assigned_at = Some(now);
+            self.changed.insert(agent_id.to_owned());
+        }
+    }
+
+    /// Turns the engine's effects into records to write and messages to publish.
+    async fn absorb<R: Repository>(
+        &mut self,
+        repository: &R,
+        effects: Vec<Effect>,
+    ) -> Result<(), RepositoryError> {
+        for effect in effects {
+            match effect {
+                Effect::Dispatch {
+                    agent_id,
+                    assignment,
+                } => {
+                    let data = serde_json::to_value(&assignment).unwrap_or(Value::Null);
+                    self.outbox.push(dispatch_message(
+                        &agent_id,
+                        assignment.message_id(),
+                        "opscore.task.assigned.v1",
+                        data,
+                        self.now,
+                    ));
+                }
+                Effect::Cancel(cancellation) => {
+                    let data = serde_json::to_value(&cancellation).unwrap_or(Value::Null);
+                    self.outbox.push(dispatch_message(
+                        &cancellation.agent_id,
+                        cancellation.message_id(),
+                        "opscore.task.cancelled.v1",
+                        data,
+                        self.now,
+                    ));
+                }
+                Effect::ReleaseLease(release) => {
+                    if !self.agents.contains_key(&release.agent_id) {
+                        if let Some(Versioned { version, value }) =
+                            repository.load(&release.agent_id).await?
+                        {
+                            self.agents
+                                .insert(release.agent_id.clone(), (value, version));
+                        }
+                    }
+                    if let Some((agent, _)) = self.agents.get_mut(&release.agent_id) {
+                        agent.leases.retain(|lease| {
+                            !(lease.task_id == release.task_id
+                                && lease.lease_epoch == release.lease_epoch)
+                        });
+                        self.changed.insert(release.agent_id.clone());
+                        self.released.insert(release.agent_id);
+                    }
+                }
+                Effect::Timer(timer) => self.timers_set.push(timer),
+                Effect::Status(event) => {
+                    let id = format!("session:{}:{}", event.session_id, event.seq);
+                    let kind = serde_json::to_value(event.kind)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default();
+                    let subject = subjects::session_status(&event.session_id)
+                        .unwrap_or_else(|_| "opscore.status.session.invalid".to_owned());
+                    let data = serde_json::to_value(&event).unwrap_or(Value::Null);
+                    track_task_metrics(&kind);
+                    self.outbox.push(OutboxMessage::cloudevent(
+                        id,
+                        subject,
+                        &format!("opscore.{kind}.v1"),
+                        self.now,
+                        data,
+                    ));
+                }
+                Effect::DeadLetter(letter) => {
+                    let reason = letter.reason.as_str();
+                    let subject = subjects::dlq(reason)
+                        .unwrap_or_else(|_| "opscore.dlq.retries_exhausted".to_owned());
+                    let data = serde_json::to_value(&letter).unwrap_or(Value::Null);
+                    metrics::counter!("opscore_tasks_dead_lettered_total", "reason" => reason)
+                        .increment(1);
+                    self.outbox.push(OutboxMessage::cloudevent(
+                        letter.message_id(),
+                        subject,
+                        "opscore.task.dead_lettered.v1",
+                        self.now,
+                        data,
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn commit<R: Repository>(
+        &self,
+        repository: &R,
+        event: Option<(&str, &str)>,
+        idempotency_key: Option<&str>,
+    ) -> Result<SessionCommitOutcome, RepositoryError> {
+        let waiting_after = waiting_capabilities(&self.session);
+        let waiting_leave = self
+            .waiting_before
+            .iter()
+            .filter(|c| !waiting_after.contains(c))
+            .cloned()
+            .collect();
+        let waiting_join = waiting_after
+            .iter()
+            .filter(|c| !self.waiting_before.contains(c))
+            .cloned()
+            .collect();
+        let agents = self
+            .changed
+            .iter()
+            .filter_map(|id| self.agents.get(id))
+            .map(|(agent, version)| (agent, *version))
+            .collect();
+        repository
+            .commit_session(SessionCommit {
+                session: &self.session,
+                expected_version: self.version,
+                agents,
+                event,
+                idempotency_key,
+                waiting_leave,
+                waiting_join,
+                timers_set: self.timers_set.clone(),
+                timers_clear: self.timers_clear.clone(),
+                outbox: &self.outbox,
+                now: self.now,
+            })
+            .await
+    }
+}
+
+fn track_task_metrics(kind: &str) {
+    let counter = match kind {
+        "task.completed" => "opscore_tasks_completed_total",
+        "task.failed" => "opscore_tasks_failed_total",
+        "task.retrying" => "opscore_tasks_retried_total",
+        "session.completed" | "session.failed" => "opscore_sessions_ended_total",
+        _ => return,
+    };
+    metrics::counter!(counter).increment(1);
+}
+
+fn dispatch_message(
+    agent_id: &str,
+    id: String,
+    event_type: &str,
+    data: Value,
+    now: DateTime<Utc>,
+) -> OutboxMessage {
+    // Agent ids were validated as tokens when the agent registered.
+    let subject = subjects::dispatch(agent_id)
+        .unwrap_or_else(|_| format!("opscore.dispatch.invalid-{}", json!(agent_id)));
+    OutboxMessage::cloudevent(id, subject, event_type, now, data)
+}
+
+fn candidate(agent: &Agent) -> Candidate {
+    Candidate {
+        agent_id: agent.agent_id.clone(),
+        capabilities: agent.capabilities.clone(),
+        alive: agent.is_alive(),
+        state: agent.state.as_str().to_owned(),
+        deregistered: agent.deregistered,
+        max_concurrent_tasks: agent.max_concurrent_tasks,
+        leases_held: u32::try_from(agent.leases.len()).unwrap_or(u32::MAX),
+        last_assigned_at: agent.last_assigned_at,
+    }
+}
+
+/// The session a task belongs to. Task ids are `{sessionId}-{taskDefinitionId}` and session
+/// ids are hyphenated UUIDs, 36 characters long.
+pub fn session_of_task(task_id: &str) -> Option<&str> {
+    const UUID_LEN: usize = 36;
+    let session = task_id.get(..UUID_LEN)?;
+    let separator = task_id.get(UUID_LEN..=UUID_LEN)?;
+    (separator == "-" && uuid::Uuid::parse_str(session).is_ok()).then_some(session)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_ids_lead_back_to_their_session() {
+        let session = "01890a5d-ac96-774b-bcce-b302099a8057";
+        assert_eq!(session_of_task(&format!("{session}-step_1")), Some(session));
+        assert_eq!(session_of_task("short-step"), None);
+        assert_eq!(session_of_task(&format!("{session}xstep")), None);
+    }
+}
