@@ -80,3 +80,497 @@ async fn the_sample_workflow_runs_to_completion_with_results_passed_on() {
     assert_eq!(tasks[0]["agentId"], "agent-a");
     s.worker.stop().await;
 }
+
+fn workflow(id: &str, tasks: Value) -> Value {
+    json!({"id": id, "name": format!("Workflow {id}"), "version": "1", "tasks": tasks})
+}
+
+fn task(id: &str, capability: &str, depends_on: &[&str]) -> Value {
+    json!({"taskId": id, "name": id, "agentCapability": capability, "dependsOn": depends_on})
+}
+
+#[tokio::test]
+async fn a_diamond_fans_out_and_joins_with_both_results() {
+    let mut s = setup(&[]).await;
+    let mut agent = SimAgent::start(&s.nats, "d1", &["work"], 2).await;
+    let definition = workflow(
+        "diamond",
+        json!([
+            task("a", "work", &[]),
+            task("b", "work", &["a"]),
+            task("c", "work", &["a"]),
+            task("d", "work", &["b", "c"]),
+        ]),
+    );
+    api(&s.nats, "workflow", "define", definition)
+        .await
+        .expect("define");
+    let session_id = trigger(&s.nats, json!({"workflowId": "diamond"})).await;
+
+    let a = agent.next_assignment().await;
+    assert_eq!(a["taskDefinitionId"], "a");
+    agent.complete(&a, json!("A")).await;
+
+    // Both branches are dispatched at once: the agent has two slots.
+    let first = agent.next_assignment().await;
+    let second = agent.next_assignment().await;
+    let mut branches = [
+        first["taskDefinitionId"].clone(),
+        second["taskDefinitionId"].clone(),
+    ];
+    branches.sort_by_key(|v| v.to_string());
+    assert_eq!(branches, [json!("b"), json!("c")]);
+    assert_eq!(first["results"], json!({"a": "A"}));
+    agent
+        .complete(&first, json!(first["taskDefinitionId"]))
+        .await;
+    agent
+        .complete(&second, json!(second["taskDefinitionId"]))
+        .await;
+
+    let d = agent.next_assignment().await;
+    assert_eq!(d["taskDefinitionId"], "d");
+    assert_eq!(d["results"], json!({"b": "b", "c": "c"}));
+    agent.complete(&d, json!("D")).await;
+    session_event(&mut s.status, &session_id, "session.completed").await;
+    s.worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_failed_attempt_is_retried_after_backoff_then_succeeds() {
+    let mut s = setup(&[]).await;
+    let mut agent = SimAgent::start(&s.nats, "r1", &["flaky"], 1).await;
+    let mut definition = workflow("retry", json!([task("only", "flaky", &[])]));
+    definition["defaults"] =
+        json!({"retry": {"maxAttempts": 3, "initialDelayMs": 50, "maxDelayMs": 100}});
+    let session_id = trigger(&s.nats, json!({"workflowDefinition": definition})).await;
+
+    let attempt_1 = agent.next_assignment().await;
+    agent.fail(&attempt_1, "transient", true).await;
+    let retrying = session_event(&mut s.status, &session_id, "task.retrying").await;
+    assert_eq!(retrying["reason"]["reason"], "backoff");
+
+    let attempt_2 = agent.next_assignment().await;
+    assert_eq!(attempt_2["taskId"], attempt_1["taskId"]);
+    assert_eq!(
+        (
+            attempt_2["attempt"].as_u64(),
+            attempt_2["leaseEpoch"].as_u64()
+        ),
+        (Some(2), Some(2))
+    );
+    agent.complete(&attempt_2, json!({"ok": true})).await;
+    session_event(&mut s.status, &session_id, "session.completed").await;
+    s.worker.stop().await;
+}
+
+#[tokio::test]
+async fn exhausted_retries_fail_the_session_dead_letter_the_task_and_replay_it() {
+    let mut s = setup(&[]).await;
+    let mut dlq = Watcher::subscribe(&s.nats, "opscore.dlq.>").await;
+    let mut agent = SimAgent::start(&s.nats, "x1", &["doomed"], 1).await;
+    let mut definition = workflow(
+        "doomed",
+        json!([
+            task("only", "doomed", &[]),
+            task("after", "doomed", &["only"])
+        ]),
+    );
+    definition["defaults"] =
+        json!({"retry": {"maxAttempts": 2, "initialDelayMs": 20, "maxDelayMs": 20}});
+    api(&s.nats, "workflow", "define", definition)
+        .await
+        .expect("define");
+    let session_id = trigger(&s.nats, json!({"workflowId": "doomed", "input": {"n": 7}})).await;
+
+    for _ in 0..2 {
+        let attempt = agent.next_assignment().await;
+        agent.fail(&attempt, "broken input", true).await;
+    }
+    let failed = session_event(&mut s.status, &session_id, "session.failed").await;
+    assert_eq!(failed["status"], "failed");
+    let session = api(&s.nats, "session", "get", json!({"sessionId": session_id}))
+        .await
+        .expect("get");
+    assert_eq!(session["error"]["taskDefinitionId"], "only");
+    assert_eq!(session["error"]["message"], "broken input");
+    assert_eq!(session["tasks"][1]["status"], "cancelled");
+
+    let (subject, letter) = dlq.expect("task dead letter", |_, _| true).await;
+    assert_eq!(subject, "opscore.dlq.retries_exhausted");
+    assert_eq!(letter["data"]["attempt"], 2);
+
+    let entries = api(&s.nats, "dlq", "list", json!({}))
+        .await
+        .expect("dlq.list");
+    let entry = entries["entries"][0].clone();
+    assert_eq!(entry["reason"], "retries_exhausted");
+    let replay = api(&s.nats, "dlq", "replay", json!({"id": entry["id"]}))
+        .await
+        .expect("replay");
+    let replayed = replay["sessionId"]
+        .as_str()
+        .expect("a new session")
+        .to_owned();
+    assert_ne!(replayed, session_id);
+    let again = agent.next_assignment().await;
+    assert_eq!(again["sessionId"], replayed.as_str());
+    assert_eq!(again["input"], json!({"n": 7}));
+    // Replaying the same letter again returns the same session.
+    let twice = api(&s.nats, "dlq", "replay", json!({"id": entry["id"]}))
+        .await
+        .expect("replay");
+    assert_eq!(twice["sessionId"], replayed.as_str());
+    s.worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_non_retryable_error_fails_at_once() {
+    let mut s = setup(&[]).await;
+    let mut agent = SimAgent::start(&s.nats, "n1", &["strict"], 1).await;
+    let session_id = trigger(
+        &s.nats,
+        json!({"workflowDefinition": workflow("strict", json!([task("t", "strict", &[])]))}),
+    )
+    .await;
+    let attempt = agent.next_assignment().await;
+    agent.fail(&attempt, "invalid request", false).await;
+    session_event(&mut s.status, &session_id, "session.failed").await;
+    agent.expect_nothing(Duration::from_millis(300)).await;
+    s.worker.stop().await;
+}
+
+#[tokio::test]
+async fn an_expired_lease_is_reassigned_and_the_late_result_is_rejected() {
+    let mut s = setup(&[]).await;
+    let mut slow = SimAgent::start(&s.nats, "slow", &["job"], 1).await;
+    let mut definition = workflow("lease", json!([task("t", "job", &[])]));
+    definition["defaults"] = json!({"timeoutSeconds": 1, "retry": {"maxAttempts": 3, "initialDelayMs": 10, "maxDelayMs": 10}});
+    let session_id = trigger(&s.nats, json!({"workflowDefinition": definition})).await;
+
+    let first = slow.next_assignment().await;
+    // Silence: the lease expires, the holder is told to stop, and the task is retried.
+    let (kind, cancelled) = slow.next_message().await;
+    assert_eq!(kind, "opscore.task.cancelled.v1");
+    assert_eq!(cancelled["leaseEpoch"], first["leaseEpoch"]);
+    let mut fast = SimAgent::start(&s.nats, "fast", &["job"], 1).await;
+    let second = tokio::select! {
+        a = fast.next_assignment() => (a, "fast"),
+        a = slow.next_assignment() => (a, "slow"),
+    };
+    let (second, holder) = second;
+    assert_eq!(second["leaseEpoch"], 2);
+
+    // The zombie's result for epoch 1 changes nothing.
+    slow.complete(&first, json!({"late": true})).await;
+    let worker_holder = if holder == "fast" { &fast } else { &slow };
+    worker_holder.complete(&second, json!({"on": "time"})).await;
+    session_event(&mut s.status, &session_id, "session.completed").await;
+    let session = api(&s.nats, "session", "get", json!({"sessionId": session_id}))
+        .await
+        .expect("get");
+    assert_eq!(session["result"], json!({"t": {"on": "time"}}));
+    assert_eq!(session["tasks"][0]["attempt"], 2);
+    s.worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_task_waits_for_a_capable_agent_and_runs_when_one_registers() {
+    let mut s = setup(&[]).await;
+    let session_id = trigger(
+        &s.nats,
+        json!({"workflowDefinition": workflow("wait", json!([task("t", "rare", &[])]))}),
+    )
+    .await;
+    let pending = session_event(&mut s.status, &session_id, "task.pending").await;
+    assert!(pending.get("taskId").is_some());
+    let waiting = s
+        .status
+        .expect("the no_capable_agent reason", |_, body| {
+            body["data"]["reason"]["reason"] == "no_capable_agent"
+        })
+        .await;
+    assert_eq!(waiting.1["data"]["sessionId"], session_id.as_str());
+    let session = api(&s.nats, "session", "get", json!({"sessionId": session_id}))
+        .await
+        .expect("get");
+    assert_eq!(session["tasks"][0]["pending"]["reason"], "no_capable_agent");
+
+    let mut agent = SimAgent::start(&s.nats, "rare-1", &["rare"], 1).await;
+    let assignment = agent.next_assignment().await;
+    assert_eq!(assignment["sessionId"], session_id.as_str());
+    agent.complete(&assignment, json!(null)).await;
+    session_event(&mut s.status, &session_id, "session.completed").await;
+    s.worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_busy_agent_gets_the_next_task_when_its_slot_frees() {
+    let mut s = setup(&[]).await;
+    let mut agent = SimAgent::start(&s.nats, "one-slot", &["job"], 1).await;
+    let definition = workflow("busy", json!([task("t", "job", &[])]));
+    let first = trigger(&s.nats, json!({"workflowDefinition": definition.clone()})).await;
+    let second = trigger(&s.nats, json!({"workflowDefinition": definition})).await;
+    let task_1 = agent.next_assignment().await;
+    let waiting = s
+        .status
+        .expect("all_capable_agents_busy", |_, body| {
+            body["data"]["reason"]["reason"] == "all_capable_agents_busy"
+        })
+        .await;
+    let waiting_session = waiting.1["data"]["sessionId"]
+        .as_str()
+        .expect("session")
+        .to_owned();
+    assert!(waiting_session == first || waiting_session == second);
+    agent.complete(&task_1, json!(1)).await;
+    // No idle report needed: the freed slot takes the waiting task.
+    let task_2 = agent.next_assignment().await;
+    assert_ne!(task_2["sessionId"], task_1["sessionId"]);
+    agent.complete(&task_2, json!(2)).await;
+    session_event(&mut s.status, &first, "session.completed").await;
+    session_event(&mut s.status, &second, "session.completed").await;
+    s.worker.stop().await;
+}
+
+#[tokio::test]
+async fn cancelling_a_session_reaches_the_agent_and_frees_its_slot() {
+    let mut s = setup(&[]).await;
+    let mut agent = SimAgent::start(&s.nats, "c1", &["job"], 1).await;
+    let definition = workflow("cancel", json!([task("t", "job", &[])]));
+    let session_id = trigger(&s.nats, json!({"workflowDefinition": definition.clone()})).await;
+    let assignment = agent.next_assignment().await;
+
+    let cancelled = api(
+        &s.nats,
+        "session",
+        "cancel",
+        json!({"sessionId": session_id}),
+    )
+    .await
+    .expect("cancel");
+    assert_eq!(cancelled["status"], "cancelled");
+    let (kind, data) = agent.next_message().await;
+    assert_eq!(kind, "opscore.task.cancelled.v1");
+    assert_eq!(data["taskId"], assignment["taskId"]);
+    session_event(&mut s.status, &session_id, "session.cancelled").await;
+
+    let again = api(
+        &s.nats,
+        "session",
+        "cancel",
+        json!({"sessionId": session_id}),
+    )
+    .await
+    .expect_err("409");
+    assert_eq!(again.code, 409);
+    // The slot is free again.
+    let next = trigger(&s.nats, json!({"workflowDefinition": definition})).await;
+    assert_eq!(agent.next_assignment().await["sessionId"], next.as_str());
+    s.worker.stop().await;
+}
+
+#[tokio::test]
+async fn agents_that_only_report_states_complete_their_tasks() {
+    let mut s = setup(&[]).await;
+    let mut agent = SimAgent::start(&s.nats, "old", &["legacy"], 1).await;
+    let session_id = trigger(
+        &s.nats,
+        json!({"workflowDefinition": workflow("legacy", json!([task("t", "legacy", &[])]))}),
+    )
+    .await;
+    let assignment = agent.next_assignment().await;
+    let task_id = assignment["taskId"].as_str().expect("taskId");
+    agent
+        .agent
+        .publish(
+            "state",
+            json!({"agentId": "old", "state": "ACTIVE", "timestamp": chrono::Utc::now(),
+            "details": {"opscore_task_id": task_id}}),
+        )
+        .await;
+    session_event(&mut s.status, &session_id, "task.running").await;
+    agent
+        .agent
+        .publish(
+            "state",
+            json!({"agentId": "old", "state": "idle", "timestamp": chrono::Utc::now(),
+            "details": {"opscore_task_id": task_id, "answer": 42}}),
+        )
+        .await;
+    session_event(&mut s.status, &session_id, "session.completed").await;
+    let session = api(&s.nats, "session", "get", json!({"sessionId": session_id}))
+        .await
+        .expect("get");
+    assert_eq!(session["tasks"][0]["output"]["answer"], 42);
+    s.worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_session_pinned_to_an_agent_runs_only_there() {
+    let s = setup(&[]).await;
+    let mut other = SimAgent::start(&s.nats, "other", &["job"], 1).await;
+    let mut pinned = SimAgent::start(&s.nats, "pinned", &["job"], 1).await;
+    let session_id = trigger(
+        &s.nats,
+        json!({"workflowDefinition": workflow("pin", json!([task("t", "job", &[])])), "agentId": "pinned"}),
+    )
+    .await;
+    let assignment = pinned.next_assignment().await;
+    assert_eq!(assignment["sessionId"], session_id.as_str());
+    other.expect_nothing(Duration::from_millis(200)).await;
+    let missing = api(&s.nats, "workflow", "trigger",
+        json!({"workflowDefinition": workflow("pin", json!([task("t", "job", &[])])), "agentId": "ghost"}))
+        .await
+        .expect_err("unknown agent");
+    assert_eq!(missing.code, 404);
+    s.worker.stop().await;
+}
+
+#[tokio::test]
+async fn definitions_are_validated_versioned_and_listed() {
+    let s = setup(&[]).await;
+    let listed = api(&s.nats, "workflow", "list", json!({}))
+        .await
+        .expect("list");
+    assert_eq!(
+        listed["workflows"][0]["id"], "sample_workflow_id",
+        "loaded from the directory"
+    );
+
+    let cyclic = workflow(
+        "cyc",
+        json!([
+            task("s", "x", &[]),
+            task("a", "x", &["s", "b"]),
+            task("b", "x", &["a"])
+        ]),
+    );
+    let error = api(&s.nats, "workflow", "define", cyclic)
+        .await
+        .expect_err("cycle");
+    assert_eq!(error.code, 400);
+    assert!(error.message.contains("cycle"), "{}", error.message);
+    let unknown = workflow("unk", json!([task("a", "x", &["nope"])]));
+    let error = api(&s.nats, "workflow", "define", unknown)
+        .await
+        .expect_err("unknown reference");
+    assert!(
+        error.message.contains("task a") && error.message.contains("nope"),
+        "{}",
+        error.message
+    );
+
+    let v1 = workflow("ver", json!([task("a", "x", &[])]));
+    let reply = api(&s.nats, "workflow", "define", v1.clone())
+        .await
+        .expect("define");
+    assert_eq!(reply, json!({"workflowId": "ver", "version": "1"}));
+    api(&s.nats, "workflow", "define", v1)
+        .await
+        .expect("the same definition again is fine");
+    let changed = workflow("ver", json!([task("a", "y", &[])]));
+    assert_eq!(
+        api(&s.nats, "workflow", "define", changed.clone())
+            .await
+            .expect_err("409")
+            .code,
+        409
+    );
+    let mut v2 = changed;
+    v2["version"] = json!("2");
+    api(&s.nats, "workflow", "define", v2)
+        .await
+        .expect("a new version");
+    let latest = api(&s.nats, "workflow", "get", json!({"workflowId": "ver"}))
+        .await
+        .expect("get");
+    assert_eq!(latest["version"], "2");
+    let old = api(
+        &s.nats,
+        "workflow",
+        "get",
+        json!({"workflowId": "ver", "version": "1"}),
+    )
+    .await
+    .expect("get");
+    assert_eq!(old["tasks"][0]["agentCapability"], "x");
+
+    let error = api(
+        &s.nats,
+        "workflow",
+        "trigger",
+        json!({"workflowId": "nope"}),
+    )
+    .await
+    .expect_err("404");
+    assert_eq!(error.code, 404);
+    let error = api(&s.nats, "workflow", "trigger", json!({}))
+        .await
+        .expect_err("400");
+    assert_eq!(error.code, 400);
+    s.worker.stop().await;
+}
+
+#[tokio::test]
+async fn an_idempotency_key_returns_the_session_it_created() {
+    let s = setup(&[]).await;
+    let request = json!({"workflowId": "sample_workflow_id", "idempotencyKey": "order-42"});
+    let first = api(&s.nats, "workflow", "trigger", request.clone())
+        .await
+        .expect("trigger");
+    let second = api(&s.nats, "workflow", "trigger", request)
+        .await
+        .expect("trigger");
+    assert_eq!(first["sessionId"], second["sessionId"]);
+    assert_eq!(
+        (first["created"].as_bool(), second["created"].as_bool()),
+        (Some(true), Some(false))
+    );
+
+    let listed = api(
+        &s.nats,
+        "session",
+        "list",
+        json!({"workflowId": "sample_workflow_id"}),
+    )
+    .await
+    .expect("list");
+    assert_eq!(listed["sessions"].as_array().map(Vec::len), Some(1));
+    let running = api(&s.nats, "session", "list", json!({"status": "completed"}))
+        .await
+        .expect("list");
+    assert_eq!(running["sessions"].as_array().map(Vec::len), Some(0));
+    s.worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_result_for_no_session_is_dead_lettered() {
+    let s = setup(&[]).await;
+    let mut dlq = Watcher::subscribe(&s.nats, "opscore.dlq.>").await;
+    let agent = SimAgent::start(&s.nats, "u1", &["job"], 1).await;
+    let task = json!({"taskId": "01890a5d-ac96-774b-bcce-b302099a8057-step", "leaseEpoch": 1});
+    agent.complete(&task, json!(null)).await;
+    let (subject, _) = dlq.expect("unknown_task", |_, _| true).await;
+    assert_eq!(subject, "opscore.dlq.unknown_task");
+    s.worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_task_nobody_takes_fails_after_its_queue_timeout() {
+    let mut s = setup(&[]).await;
+    let mut dlq = Watcher::subscribe(&s.nats, "opscore.dlq.>").await;
+    let mut definition = workflow("queue", json!([task("t", "nobody", &[])]));
+    definition["tasks"][0]["queueTimeoutSeconds"] = json!(1);
+    let session_id = trigger(&s.nats, json!({"workflowDefinition": definition})).await;
+    let failed = session_event(&mut s.status, &session_id, "session.failed").await;
+    assert_eq!(failed["status"], "failed");
+    let (subject, letter) = dlq.expect("queue_timeout dead letter", |_, _| true).await;
+    assert_eq!(subject, "opscore.dlq.queue_timeout");
+    assert!(
+        letter["data"]["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("nobody"))
+    );
+    s.worker.stop().await;
+}

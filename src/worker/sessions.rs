@@ -529,13 +529,12 @@ impl Change {
                     ));
                 }
                 Effect::ReleaseLease(release) => {
-                    if !self.agents.contains_key(&release.agent_id) {
-                        if let Some(Versioned { version, value }) =
+                    if !self.agents.contains_key(&release.agent_id)
+                        && let Some(Versioned { version, value }) =
                             repository.load(&release.agent_id).await?
-                        {
-                            self.agents
-                                .insert(release.agent_id.clone(), (value, version));
-                        }
+                    {
+                        self.agents
+                            .insert(release.agent_id.clone(), (value, version));
                     }
                     if let Some((agent, _)) = self.agents.get_mut(&release.agent_id) {
                         agent.leases.retain(|lease| {

@@ -94,15 +94,15 @@ impl SessionRepository for MemoryRepository {
         let session = commit.session;
         let id = session.session_id.clone();
 
-        if let Some((agent_id, event_id)) = commit.event {
-            if state.seen_event(agent_id, event_id) {
-                return Ok(SessionCommitOutcome::Duplicate);
-            }
+        if let Some((agent_id, event_id)) = commit.event
+            && state.seen_event(agent_id, event_id)
+        {
+            return Ok(SessionCommitOutcome::Duplicate);
         }
-        if let Some(key) = commit.idempotency_key {
-            if let Some(owner) = state.sessions.idempotency.get(key) {
-                return Ok(SessionCommitOutcome::KeyTaken(owner.clone()));
-            }
+        if let Some(key) = commit.idempotency_key
+            && let Some(owner) = state.sessions.idempotency.get(key)
+        {
+            return Ok(SessionCommitOutcome::KeyTaken(owner.clone()));
         }
         let current = state.sessions.records.get(&id).map_or(0, |r| r.version);
         let agents_current = commit.agents.iter().all(|(agent, version)| {

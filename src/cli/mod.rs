@@ -1,18 +1,20 @@
 //! The command line: `opscore run` and the client commands that talk to a running worker.
 
+mod agents;
+mod sessions;
+mod watch;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use futures::StreamExt;
-use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
+pub use self::watch::status_line;
 use crate::api::{ApiClient, ApiError};
 use crate::bus;
 use crate::config::{LogFormat, Settings};
-use crate::subjects;
 
 /// Exit code for a configuration that cannot be used (sysexits EX_CONFIG).
 pub const EXIT_CONFIG: u8 = 78;
@@ -60,8 +62,110 @@ pub enum Command {
     /// Query the agent registry of a running worker.
     #[command(subcommand)]
     Agent(AgentCommand),
+    /// Define, list and trigger workflows.
+    #[command(subcommand)]
+    Workflow(WorkflowCommand),
+    /// Inspect, follow and cancel sessions.
+    #[command(subcommand)]
+    Session(SessionCommand),
+    /// Inspect and replay dead letters.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
     /// Follow the status streams live: one line per agent, session or task transition.
     Watch(WatchArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WorkflowCommand {
+    /// Define a workflow from a JSON file (validated; versions are immutable).
+    Define {
+        /// The definition, in the workflow JSON format.
+        file: PathBuf,
+    },
+    /// List the latest version of every workflow.
+    List {
+        /// Print the raw JSON reply.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a workflow definition.
+    Get {
+        workflow_id: String,
+        /// A version other than the latest.
+        #[arg(long)]
+        version: Option<String>,
+    },
+    /// Start a session of a workflow and print its id.
+    Trigger(TriggerArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TriggerArgs {
+    /// The workflow to run.
+    pub workflow_id: String,
+    /// The session's initial payload, as JSON.
+    #[arg(long, value_name = "JSON")]
+    pub input: Option<String>,
+    /// Run every task of the session on this agent.
+    #[arg(long, value_name = "ID")]
+    pub agent: Option<String>,
+    /// Triggering twice with one key starts one session.
+    #[arg(long, value_name = "KEY")]
+    pub idempotency_key: Option<String>,
+    /// Follow the session until it ends; exit 0 only if it completed.
+    #[arg(long)]
+    pub watch: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SessionCommand {
+    /// Show a session with its tasks, attempts, lease holders and why pending tasks wait.
+    Get {
+        session_id: String,
+        /// Print the raw JSON reply on one line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List sessions, newest first.
+    List {
+        /// Only sessions in this status (pending, running, completed, failed, cancelled).
+        #[arg(long)]
+        status: Option<String>,
+        /// Only sessions of this workflow.
+        #[arg(long)]
+        workflow: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Print one JSON object per session.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a session: stop scheduling and tell every lease holder to stop.
+    Cancel { session_id: String },
+    /// Follow a session live until it ends; exit 0 only if it completed.
+    Watch {
+        session_id: String,
+        /// Print each status event as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters, newest first.
+    List {
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Print one JSON object per entry.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replay a dead letter: publish the message again, or rerun a failed task's session.
+    Replay {
+        /// The entry id shown by `dlq list`.
+        id: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -111,11 +215,14 @@ pub struct WatchArgs {
 pub async fn execute(command: Command, settings: Settings) -> ExitCode {
     let result = match command {
         Command::Run => return run(settings).await,
-        Command::Agent(AgentCommand::List(args)) => agent_list(&settings, args).await,
+        Command::Agent(AgentCommand::List(args)) => agents::agent_list(&settings, args).await,
         Command::Agent(AgentCommand::Get { agent_id, json }) => {
-            agent_get(&settings, &agent_id, json).await
+            agents::agent_get(&settings, &agent_id, json).await
         }
-        Command::Watch(args) => watch(&settings, args).await,
+        Command::Workflow(command) => sessions::workflow(&settings, command).await,
+        Command::Session(command) => sessions::session(&settings, command).await,
+        Command::Dlq(command) => sessions::dlq(&settings, command).await,
+        Command::Watch(args) => watch::watch(&settings, args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -127,13 +234,24 @@ pub async fn execute(command: Command, settings: Settings) -> ExitCode {
             eprintln!("opscore: {}", error.message);
             ExitCode::FAILURE
         }
+        Err(CliError::Usage(message)) => {
+            eprintln!("opscore: {message}");
+            ExitCode::from(EXIT_USAGE)
+        }
+        // The session ended without completing; its transitions were printed.
+        Err(CliError::Unsuccessful) => ExitCode::FAILURE,
     }
 }
+
+/// Exit code for arguments that parse but make no sense, such as invalid JSON (EX_USAGE).
+pub const EXIT_USAGE: u8 = 64;
 
 #[derive(Debug)]
 enum CliError {
     Unavailable(String),
     Api(ApiError),
+    Usage(String),
+    Unsuccessful,
 }
 
 impl From<ApiError> for CliError {
@@ -179,127 +297,4 @@ async fn connect(settings: &Settings) -> Result<async_nats::Client, CliError> {
 
 async fn api(settings: &Settings) -> Result<ApiClient, CliError> {
     Ok(ApiClient::new(connect(settings).await?))
-}
-
-async fn agent_list(settings: &Settings, args: ListArgs) -> Result<(), CliError> {
-    let client = api(settings).await?;
-    let mut cursor: Option<String> = None;
-    if !args.json {
-        println!(
-            "{:<24} {:<24} {:<13} {:<25} CAPABILITIES",
-            "AGENT", "NAME", "STATE", "LAST SEEN"
-        );
-    }
-    loop {
-        let request = json!({
-            "capability": args.capability,
-            "state": args.state,
-            "limit": args.limit,
-            "cursor": cursor,
-        });
-        let page = client.call("agent", "list", &request).await?;
-        for agent in page["agents"].as_array().into_iter().flatten() {
-            if args.json {
-                println!("{agent}");
-            } else {
-                println!("{}", agent_row(agent));
-            }
-        }
-        match page["nextCursor"].as_str() {
-            Some(next) => cursor = Some(next.to_owned()),
-            None => return Ok(()),
-        }
-    }
-}
-
-fn agent_row(agent: &Value) -> String {
-    let capabilities: Vec<&str> = agent["capabilities"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str)
-        .collect();
-    let mut state = agent["state"].as_str().unwrap_or("?").to_owned();
-    if agent["deregistered"].as_bool() == Some(true) {
-        state.push('*');
-    }
-    format!(
-        "{:<24} {:<24} {:<13} {:<25} {}",
-        agent["agentId"].as_str().unwrap_or("?"),
-        agent["agentName"].as_str().unwrap_or(""),
-        state,
-        agent["lastSeen"].as_str().unwrap_or(""),
-        capabilities.join(","),
-    )
-}
-
-async fn agent_get(settings: &Settings, agent_id: &str, json: bool) -> Result<(), CliError> {
-    let client = api(settings).await?;
-    let agent = client
-        .call("agent", "get", &json!({ "agentId": agent_id }))
-        .await?;
-    if json {
-        println!("{agent}");
-    } else {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&agent).unwrap_or_default()
-        );
-    }
-    Ok(())
-}
-
-async fn watch(settings: &Settings, args: WatchArgs) -> Result<(), CliError> {
-    let subject = match (&args.agent, &args.session) {
-        (Some(agent), _) => subjects::agent_status(agent),
-        (_, Some(session)) => subjects::session_status(session),
-        _ => Ok(subjects::STATUS_ALL.to_owned()),
-    }
-    .map_err(|e| CliError::Api(ApiError::bad_request(e.to_string())))?;
-    let client = connect(settings).await?;
-    let mut subscription = client
-        .subscribe(subject)
-        .await
-        .map_err(|e| CliError::Unavailable(e.to_string()))?;
-    while let Some(message) = subscription.next().await {
-        let text = String::from_utf8_lossy(&message.payload);
-        if args.json {
-            println!("{text}");
-            continue;
-        }
-        match serde_json::from_str::<Value>(&text) {
-            Ok(event) => println!("{}", status_line(&event)),
-            Err(_) => println!("{} {text}", message.subject),
-        }
-    }
-    Ok(())
-}
-
-/// One readable line for a status event.
-pub fn status_line(event: &Value) -> String {
-    let data = &event["data"];
-    let time = event["time"].as_str().unwrap_or("");
-    let kind = data["kind"].as_str().unwrap_or("?");
-    let seq = data["seq"].as_u64().unwrap_or(0);
-    if let Some(agent) = data["agentId"]
-        .as_str()
-        .filter(|_| data["sessionId"].is_null())
-    {
-        let state = data["state"].as_str().unwrap_or("?");
-        let transition = match data["previousState"].as_str() {
-            Some(previous) => format!("{previous} -> {state}"),
-            None => state.to_owned(),
-        };
-        return format!("{time} agent {agent} #{seq} {kind} {transition}");
-    }
-    let session = data["sessionId"].as_str().unwrap_or("?");
-    let mut line = format!("{time} session {session} #{seq} {kind}");
-    for field in ["taskDefinitionId", "status", "agentId", "attempt"] {
-        match &data[field] {
-            Value::Null => {}
-            Value::String(s) => line.push_str(&format!(" {field}={s}")),
-            other => line.push_str(&format!(" {field}={other}")),
-        }
-    }
-    line
 }
