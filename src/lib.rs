@@ -16,6 +16,7 @@
 //! | [`outbox`] | messages committed with a change and published after it |
 //! | [`bus`] | the NATS connection, streams, consumer and acknowledged publishing |
 //! | [`dlq`] | dead letters: copying refused messages with their reason |
+//! | [`faults`] | crash points for fault-injection tests (debug builds only) |
 //! | [`worker`] | `opscore run`: intake, handlers, timers, shutdown |
 //! | [`api`] | the `opscore` micro service on `opscore.api.*`, and its client |
 //! | [`cli`], [`telemetry`] | the command line and logging |
@@ -26,6 +27,7 @@ pub mod cli;
 pub mod config;
 pub mod dlq;
 pub mod envelope;
+pub mod faults;
 pub mod model;
 pub mod outbox;
 pub mod registry;

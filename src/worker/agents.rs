@@ -90,7 +90,9 @@ impl<R: Repository> Agents<R> {
                 .await?;
             match outcome {
                 CommitOutcome::Committed { .. } => {
+                    crate::faults::crash_point("after_commit");
                     self.flush(&messages).await;
+                    crate::faults::crash_point("after_publish");
                     let agent = &change.agent;
                     let available = agent.is_alive()
                         && agent.state.accepts_tasks()

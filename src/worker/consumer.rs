@@ -139,6 +139,7 @@ async fn run_lane<R: Repository>(
             // A plain nak redelivers at once; the delay is what makes the retry a backoff.
             Outcome::Retry(delay) => AckKind::Nak(Some(delay)),
         };
+        crate::faults::crash_point("before_ack");
         if let Err(error) = message.ack_with(ack).await {
             // The message will be redelivered after the ack wait and recognised as a
             // duplicate, so this costs time, not correctness.

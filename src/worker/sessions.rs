@@ -158,7 +158,9 @@ impl<R: Repository> Sessions<R> {
         }
         metrics::counter!("opscore_sessions_started_total").increment(1);
         info!(session_id, workflow_id, "session started");
+        crate::faults::crash_point("after_commit");
         self.publisher.flush(&self.repository, &change.outbox).await;
+        crate::faults::crash_point("after_publish");
         self.follow_up(FollowUps {
             sessions: BTreeSet::from([session_id.clone()]),
             agents: BTreeSet::new(),
@@ -346,7 +348,9 @@ impl<R: Repository> Sessions<R> {
 
             match change.commit(&self.repository, None, None).await? {
                 SessionCommitOutcome::Committed => {
+                    crate::faults::crash_point("after_commit");
                     self.publisher.flush(&self.repository, &change.outbox).await;
+                    crate::faults::crash_point("after_publish");
                     return Ok(SessionOutcome::Applied);
                 }
                 SessionCommitOutcome::Conflict => {
@@ -388,7 +392,9 @@ impl<R: Repository> Sessions<R> {
 
             match change.commit(&self.repository, event, None).await? {
                 SessionCommitOutcome::Committed => {
+                    crate::faults::crash_point("after_commit");
                     self.publisher.flush(&self.repository, &change.outbox).await;
+                    crate::faults::crash_point("after_publish");
                     let follow_ups = FollowUps {
                         sessions: BTreeSet::from([session_id.to_owned()]),
                         agents: change.released.clone(),

@@ -338,6 +338,11 @@ impl ChildWorker {
         self.child.wait().ok();
     }
 
+    /// Waits for the process to exit by itself.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        self.child.wait().expect("worker exits")
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         Command::new("kill")
@@ -599,7 +604,7 @@ pub fn ts(secs: i64) -> String {
 /// decides what it does with each assignment.
 pub struct SimAgent {
     pub agent: AgentClient,
-    dispatch: async_nats::Subscriber,
+    pub dispatch: async_nats::Subscriber,
 }
 
 impl SimAgent {
@@ -690,4 +695,99 @@ pub async fn trigger(nats: &NatsServer, request: Value) -> String {
 /// The directory holding the shipped sample workflow.
 pub fn sample_workflows() -> String {
     concat!(env!("CARGO_MANIFEST_DIR"), "/config/workflows").to_owned()
+}
+
+/// An agent that completes every assignment at once, counting what it was given.
+pub struct AutoAgent {
+    pub id: String,
+    /// Every assignment received, as (taskId, attempt).
+    pub received: std::sync::Arc<std::sync::Mutex<Vec<(String, u64)>>>,
+    task: JoinHandle<()>,
+}
+
+impl AutoAgent {
+    pub async fn start(nats: &NatsServer, id: &str, capabilities: &[&str], slots: u32) -> Self {
+        let mut sim = SimAgent::start(nats, id, capabilities, slots).await;
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = received.clone();
+        let agent_id = id.to_owned();
+        let task = tokio::spawn(async move {
+            loop {
+                let Some(message) = sim.dispatch.next().await else {
+                    return;
+                };
+                let event: Value = serde_json::from_slice(&message.payload).unwrap_or_default();
+                if event["type"] != "opscore.task.assigned.v1" {
+                    continue;
+                }
+                let task = event["data"].clone();
+                let key = (
+                    task["taskId"].as_str().unwrap_or_default().to_owned(),
+                    task["attempt"].as_u64().unwrap_or_default(),
+                );
+                log.lock().expect("log").push(key);
+                let output = json!({"by": agent_id, "task": task["taskDefinitionId"]});
+                sim.complete(&task, output).await;
+            }
+        });
+        Self {
+            id: id.to_owned(),
+            received,
+            task,
+        }
+    }
+}
+
+impl Drop for AutoAgent {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Every message a stream holds, as (subject, Nats-Msg-Id, JSON body).
+pub async fn stream_messages(nats: &NatsServer, stream: &str) -> Vec<(String, String, Value)> {
+    let jetstream = jetstream::new(nats.client().await);
+    let stream = jetstream.get_stream(stream).await.expect("stream");
+    let state = stream.get_info().await.expect("stream info").state;
+    let mut messages = Vec::new();
+    if state.messages == 0 {
+        return messages;
+    }
+    for sequence in state.first_sequence..=state.last_sequence {
+        let Ok(message) = stream.get_raw_message(sequence).await else {
+            continue;
+        };
+        let msg_id = message
+            .headers
+            .get("Nats-Msg-Id")
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default();
+        let body = serde_json::from_slice(&message.payload).unwrap_or(Value::Null);
+        messages.push((message.subject.to_string(), msg_id, body));
+    }
+    messages
+}
+
+/// Waits until every listed session has ended, and returns their final records.
+pub async fn wait_for_sessions(nats: &NatsServer, session_ids: &[String]) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut sessions = Vec::new();
+    for session_id in session_ids {
+        loop {
+            let reply = api(nats, "session", "get", json!({"sessionId": session_id})).await;
+            if let Ok(session) = reply {
+                let status = session["status"].as_str().unwrap_or_default();
+                if matches!(status, "completed" | "failed" | "cancelled") {
+                    sessions.push(session);
+                    break;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "session {session_id} did not end"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    sessions
 }

@@ -1,0 +1,195 @@
+//! A worker killed at any point leaves nothing stuck: after a restart every session
+//! continues, each committed dispatch is stored once, and no task completes twice. Also
+//! several workers on one consumer share the work without dispatching anything twice.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::*;
+use serde_json::{Value, json};
+
+const SESSIONS: usize = 6;
+
+/// Environment for a worker whose redeliveries and repairs come quickly.
+fn quick(nats: &NatsServer, redis: &RedisServer, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut overrides = vec![
+        ("OPSCORE__WORKER__ACK_WAIT_SECS", "2"),
+        ("OPSCORE__WORKFLOWS__RECONCILE_INTERVAL_SECS", "1"),
+    ];
+    overrides.extend_from_slice(extra);
+    env_vars(nats, redis, &overrides)
+}
+
+/// Checks what the streams hold once every session ended.
+async fn assert_exactly_once(nats: &NatsServer, sessions: &[Value]) {
+    for session in sessions {
+        assert_eq!(session["status"], "completed", "{session}");
+    }
+    let dispatches = stream_messages(nats, "OPSCORE_DISPATCH").await;
+    let mut per_attempt: HashMap<String, usize> = HashMap::new();
+    for (_, msg_id, _) in &dispatches {
+        *per_attempt.entry(msg_id.clone()).or_default() += 1;
+    }
+    assert!(
+        per_attempt.values().all(|n| *n == 1),
+        "a dispatch stored twice: {per_attempt:?}"
+    );
+    let tasks: usize = sessions
+        .iter()
+        .map(|s| s["tasks"].as_array().map_or(0, Vec::len))
+        .sum();
+    assert!(dispatches.len() >= tasks, "every task was dispatched");
+
+    let status = stream_messages(nats, "OPSCORE_STATUS").await;
+    let mut completed: HashMap<String, usize> = HashMap::new();
+    let mut seqs: HashMap<String, Vec<u64>> = HashMap::new();
+    for (subject, _, body) in &status {
+        let data = &body["data"];
+        if data["kind"] == "task.completed" {
+            *completed
+                .entry(data["taskId"].as_str().unwrap_or_default().to_owned())
+                .or_default() += 1;
+        }
+        seqs.entry(subject.clone())
+            .or_default()
+            .push(data["seq"].as_u64().unwrap_or_default());
+    }
+    assert_eq!(completed.len(), tasks, "every task completed");
+    assert!(
+        completed.values().all(|n| *n == 1),
+        "a task completed twice: {completed:?}"
+    );
+    for (subject, mut seq) in seqs {
+        seq.sort_unstable();
+        let expected: Vec<u64> = (1..=seq.len() as u64).collect();
+        assert_eq!(
+            seq, expected,
+            "{subject}: status events are gapless and unique"
+        );
+    }
+}
+
+async fn crash_and_recover(point: &str, after: &str) {
+    let nats = NatsServer::start();
+    let redis = RedisServer::start_with(true);
+
+    // The sessions are created and wait for agents.
+    let mut first = ChildWorker::spawn(&quick(
+        &nats,
+        &redis,
+        &[("OPSCORE__WORKFLOWS__DIRECTORY", &sample_workflows())],
+    ));
+    wait_until_serving(&nats).await;
+    let mut session_ids = Vec::new();
+    for i in 0..SESSIONS {
+        let request = json!({"workflowId": "sample_workflow_id", "input": {"i": i}});
+        session_ids.push(trigger(&nats, request).await);
+    }
+    first.kill();
+
+    // A worker armed to die at the crash point runs while the agents work.
+    let mut armed = ChildWorker::spawn(&quick(
+        &nats,
+        &redis,
+        &[
+            ("OPSCORE_CRASH_POINT", point),
+            ("OPSCORE_CRASH_AFTER", after),
+        ],
+    ));
+    let _a = AutoAgent::start(&nats, "first-step", &["test_capability"], 2).await;
+    let _b = AutoAgent::start(&nats, "second-step", &["another_capability"], 2).await;
+    let status = tokio::task::spawn_blocking(move || {
+        let status = armed.wait();
+        (status, armed)
+    })
+    .await
+    .expect("wait for the armed worker");
+    let (status, armed) = status;
+    assert!(!status.success(), "the worker died at {point}");
+    assert!(
+        armed
+            .log_text()
+            .contains(&format!("crash point {point} reached")),
+        "{}",
+        armed.log_text()
+    );
+
+    // A healthy worker finishes everything.
+    let healthy = ChildWorker::spawn(&quick(&nats, &redis, &[]));
+    let sessions = wait_for_sessions(&nats, &session_ids).await;
+    wait_until_quiet(&nats).await;
+    assert_exactly_once(&nats, &sessions).await;
+    drop(healthy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_a_commit_loses_no_dispatch() {
+    crash_and_recover("after_commit", "6").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_publishing_repeats_no_effect() {
+    crash_and_recover("after_publish", "6").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_before_the_ack_is_redelivered_and_recognised() {
+    crash_and_recover("before_ack", "6").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_run_many_sessions_dispatching_each_task_once() {
+    let nats = NatsServer::start();
+    let redis = RedisServer::start();
+    let directory = sample_workflows();
+    let vars = quick(
+        &nats,
+        &redis,
+        &[("OPSCORE__WORKFLOWS__DIRECTORY", &directory)],
+    );
+    let _first = ChildWorker::spawn(&vars);
+    let _second = ChildWorker::spawn(&vars);
+    wait_until_serving(&nats).await;
+    let agents = [
+        AutoAgent::start(&nats, "s1-a", &["test_capability"], 3).await,
+        AutoAgent::start(&nats, "s1-b", &["test_capability"], 3).await,
+        AutoAgent::start(&nats, "s2-a", &["another_capability"], 3).await,
+        AutoAgent::start(&nats, "s2-b", &["another_capability"], 3).await,
+    ];
+
+    let mut session_ids = Vec::new();
+    for i in 0..40 {
+        session_ids.push(
+            trigger(
+                &nats,
+                json!({"workflowId": "sample_workflow_id", "input": {"i": i}}),
+            )
+            .await,
+        );
+    }
+    let sessions = wait_for_sessions(&nats, &session_ids).await;
+    wait_until_quiet(&nats).await;
+    assert_exactly_once(&nats, &sessions).await;
+
+    let received: Vec<(String, u64)> = agents
+        .iter()
+        .flat_map(|agent| agent.received.lock().expect("log").clone())
+        .collect();
+    assert_eq!(
+        received.len(),
+        80,
+        "each of the 80 tasks reached one agent once"
+    );
+    assert!(
+        received.iter().all(|(_, attempt)| *attempt == 1),
+        "no task needed a second attempt"
+    );
+    for agent in &agents {
+        assert!(
+            !agent.received.lock().expect("log").is_empty(),
+            "{} took part",
+            agent.id
+        );
+    }
+}
