@@ -237,3 +237,63 @@ async fn sigterm_drains_and_exits_cleanly() {
     assert!(log.contains("intake drained"), "{log}");
     assert!(log.contains("opscore stopped"), "{log}");
 }
+
+/// The README's demo: a worker with the sample workflow, two example agents, and one command
+/// that triggers the workflow and follows it to the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_demo_runs_the_sample_workflow_to_completion() {
+    let nats = NatsServer::start();
+    let redis = RedisServer::start();
+    let directory = sample_workflows();
+    let _worker = ChildWorker::spawn(&env_vars(
+        &nats,
+        &redis,
+        &[("OPSCORE__WORKFLOWS__DIRECTORY", &directory)],
+    ));
+    wait_until_serving(&nats).await;
+    let mut status = Watcher::subscribe(&nats, "opscore.status.agent.>").await;
+
+    let example = std::path::Path::new(env!("CARGO_BIN_EXE_opscore"))
+        .parent()
+        .expect("target dir")
+        .join("examples/agent");
+    let url = nats.url();
+    let mut agents = Vec::new();
+    for (id, capability) in [
+        ("agent-a", "test_capability"),
+        ("agent-b", "another_capability"),
+    ] {
+        agents.push(
+            tokio::process::Command::new(&example)
+                .args([
+                    "--id",
+                    id,
+                    "--capability",
+                    capability,
+                    "--nats",
+                    &url,
+                    "--work-ms",
+                    "20",
+                ])
+                .stdout(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("example agent (built by cargo test)"),
+        );
+        status.agent_event(id, "state_changed").await;
+    }
+
+    let demo = opscore_async(
+        &["workflow", "trigger", "sample_workflow_id", "--watch"],
+        &[("OPSCORE__NATS__SERVERS", url.as_str())],
+    )
+    .await;
+    let printed = stdout(&demo);
+    assert!(demo.status.success(), "{printed}\n{}", stderr(&demo));
+    assert!(
+        printed.contains("#1 session.started"),
+        "the whole history: {printed}"
+    );
+    assert!(printed.contains("session.completed"), "{printed}");
+    assert!(printed.contains("taskDefinitionId=step_2"), "{printed}");
+}

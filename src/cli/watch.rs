@@ -4,7 +4,10 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 
 use super::{CliError, WatchArgs, api, connect};
+use async_nats::jetstream::consumer;
+
 use crate::api::ApiError;
+use crate::bus::STATUS_STREAM;
 use crate::config::Settings;
 use crate::subjects;
 
@@ -70,8 +73,9 @@ pub(super) enum Ending {
     FailedOrCancelled,
 }
 
-/// Prints a session's transitions until it ends. The subscription starts before the current
-/// state is read, so no transition falls between the two.
+/// Prints a session's transitions, from its first, until it ends. They are read from the
+/// `OPSCORE_STATUS` stream with an ordered consumer, so none is missed or repeated, however
+/// soon after the trigger the watch starts.
 pub(super) async fn session_watch(
     settings: &Settings,
     session_id: &str,
@@ -79,29 +83,30 @@ pub(super) async fn session_watch(
 ) -> Result<Ending, CliError> {
     let subject = subjects::session_status(session_id)
         .map_err(|e| CliError::Api(ApiError::bad_request(e.to_string())))?;
-    let client = connect(settings).await?;
-    let mut subscription = client
-        .subscribe(subject)
-        .await
-        .map_err(|e| CliError::Unavailable(e.to_string()))?;
-    client
-        .flush()
-        .await
-        .map_err(|e| CliError::Unavailable(e.to_string()))?;
-
-    let session = api(settings)
+    // Fails with 404 for a session that does not exist, rather than waiting forever.
+    api(settings)
         .await?
         .call("session", "get", &json!({ "sessionId": session_id }))
         .await?;
-    if let Some(ending) = ending(session["status"].as_str()) {
-        println!(
-            "session {session_id} {}",
-            session["status"].as_str().unwrap_or("?")
-        );
-        return Ok(ending);
-    }
 
-    while let Some(message) = subscription.next().await {
+    let unavailable = |e: &dyn std::fmt::Display| CliError::Unavailable(e.to_string());
+    let jetstream = async_nats::jetstream::new(connect(settings).await?);
+    let stream = jetstream
+        .get_stream(STATUS_STREAM)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: subject,
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let mut messages = consumer.messages().await.map_err(|e| unavailable(&e))?;
+
+    while let Some(message) = messages.next().await {
+        let message = message.map_err(|e| unavailable(&e))?;
         let Ok(event) = serde_json::from_slice::<Value>(&message.payload) else {
             continue;
         };
@@ -118,9 +123,7 @@ pub(super) async fn session_watch(
             return Ok(ending);
         }
     }
-    Err(CliError::Unavailable(
-        "the status subscription ended".to_owned(),
-    ))
+    Err(CliError::Unavailable("the status stream ended".to_owned()))
 }
 
 fn ending(status: Option<&str>) -> Option<Ending> {
