@@ -51,6 +51,8 @@ pub struct Settings {
     pub worker: WorkerSettings,
     pub agents: AgentSettings,
     pub workflows: WorkflowSettings,
+    pub admin: AdminSettings,
+    pub bridge: BridgeSettings,
     pub log: LogSettings,
 }
 
@@ -134,6 +136,26 @@ pub struct AgentSettings {
 pub struct WorkflowSettings {
     pub directory: String,
     pub reconcile_interval_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSettings {
+    pub enabled: bool,
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BridgeSettings {
+    pub listen: String,
+    pub api_key: Secret,
+    pub webhook_secret: Secret,
+    pub signature_window_secs: u64,
+    pub agentkit_url: String,
+    pub consumer: String,
+    pub delivery_attempts: u32,
+    pub delivery_initial_delay_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
