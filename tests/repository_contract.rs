@@ -9,9 +9,11 @@ use chrono::{DateTime, TimeZone, Utc};
 use opscore::model::{Agent, AgentState, HistoryEntry};
 use opscore::outbox::OutboxMessage;
 use opscore::repository::{
-    AgentCommit, AgentFilter, AgentRepository, CommitOutcome, Health, RedisRepository, Repository,
-    RepositoryOptions,
+    AgentCommit, AgentFilter, AgentRepository, CommitOutcome, DefineOutcome, Health,
+    RedisRepository, Repository, RepositoryOptions, SessionCommit, SessionCommitOutcome,
+    SessionFilter,
 };
+use opscore::workflow::{Session, Timer, TimerKind, WorkflowDefinition};
 use serde_json::Map;
 
 const OPTIONS: RepositoryOptions = RepositoryOptions {
@@ -70,6 +72,7 @@ async fn put<R: Repository>(
             history: None,
             liveness_deadline: Some(now + chrono::Duration::seconds(30)),
             outbox: &[],
+            counters: &[],
             now,
         })
         .await
@@ -173,6 +176,7 @@ async fn history_is_capped_and_newest_first<R: Repository>(repository: R) {
                 history: Some(&entry),
                 liveness_deadline: None,
                 outbox: &[],
+                counters: &[],
                 now: at(version as i64),
             })
             .await
@@ -298,6 +302,7 @@ async fn due_liveness_timers_are_claimed_once<R: Repository>(repository: R) {
             history: None,
             liveness_deadline: None,
             outbox: &[],
+            counters: &[],
             now: at(41),
         })
         .await
@@ -328,6 +333,7 @@ async fn the_outbox_keeps_messages_until_removed<R: Repository>(repository: R) {
             history: None,
             liveness_deadline: None,
             outbox: &messages,
+            counters: &[],
             now: at(0),
         })
         .await
@@ -370,8 +376,262 @@ async fn the_outbox_keeps_messages_until_removed<R: Repository>(repository: R) {
     );
 }
 
-async fn health_answers<R: Repository>(repository: R) {
+async fn health_answers_and_commits_move_counters<R: Repository>(repository: R) {
     repository.ping().await.expect("ping");
+    let a = agent("a", &["x"], AgentState::Idle);
+    let moves = [
+        ("agents:idle".to_owned(), 1),
+        ("agents:busy".to_owned(), -1),
+    ];
+    repository
+        .commit(AgentCommit {
+            agent: &a,
+            expected_version: 0,
+            previous_capabilities: &[],
+            event_id: None,
+            history: None,
+            liveness_deadline: None,
+            outbox: &[],
+            counters: &moves,
+            now: at(0),
+        })
+        .await
+        .expect("commit");
+    let counters = repository.counters().await.expect("counters");
+    assert_eq!(counters.get("agents:idle"), Some(&1));
+    assert_eq!(counters.get("agents:busy"), Some(&-1));
+}
+
+fn session(id: &str, workflow: &str) -> Session {
+    let definition: WorkflowDefinition = serde_json::from_value(serde_json::json!({
+        "id": workflow, "name": workflow, "version": "1",
+        "tasks": [{"taskId": "t", "name": "t", "agentCapability": "x"}]
+    }))
+    .expect("definition");
+    Session::start(
+        definition,
+        id,
+        serde_json::json!({}),
+        None,
+        Map::new(),
+        at(0),
+    )
+    .expect("session")
+    .0
+}
+
+fn session_commit<'a>(session: &'a Session, version: u64) -> SessionCommit<'a> {
+    SessionCommit {
+        session,
+        expected_version: version,
+        agents: Vec::new(),
+        event: None,
+        idempotency_key: None,
+        waiting_leave: Vec::new(),
+        waiting_join: Vec::new(),
+        timers_set: Vec::new(),
+        timers_clear: Vec::new(),
+        outbox: &[],
+        counters: Vec::new(),
+        now: at(0),
+    }
+}
+
+async fn sessions_commit_with_their_agents_atomically<R: Repository>(repository: R) {
+    let a = agent("a", &["x"], AgentState::Idle);
+    put(&repository, &a, 0, &[], None, at(0)).await;
+    let s = session("01890a5d-ac96-774b-bcce-b302099a8057", "w");
+
+    // A stale agent version fails the whole commit: neither record changes.
+    let mut stale = session_commit(&s, 0);
+    stale.agents = vec![(&a, 7)];
+    assert_eq!(
+        repository.commit_session(stale).await.expect("commit"),
+        SessionCommitOutcome::Conflict
+    );
+    assert!(
+        repository
+            .load_session(&s.session_id)
+            .await
+            .expect("load")
+            .is_none()
+    );
+
+    let mut leased = a.clone();
+    leased.leases.push(opscore::model::Lease {
+        session_id: s.session_id.clone(),
+        task_id: "t".into(),
+        lease_epoch: 1,
+    });
+    let mut commit = session_commit(&s, 0);
+    commit.agents = vec![(&leased, 1)];
+    commit.event = Some(("a", "e1"));
+    commit.idempotency_key = Some("key-1");
+    assert_eq!(
+        repository.commit_session(commit).await.expect("commit"),
+        SessionCommitOutcome::Committed
+    );
+    assert_eq!(
+        repository
+            .load_session(&s.session_id)
+            .await
+            .expect("load")
+            .expect("exists")
+            .version,
+        1
+    );
+    let agent_after = repository.load("a").await.expect("load").expect("exists");
+    assert_eq!(
+        (agent_after.version, agent_after.value.leases.len()),
+        (2, 1)
+    );
+
+    // The same event again is a duplicate; the same key names the first session.
+    let mut again = session_commit(&s, 1);
+    again.event = Some(("a", "e1"));
+    assert_eq!(
+        repository.commit_session(again).await.expect("commit"),
+        SessionCommitOutcome::Duplicate
+    );
+    let other = session("01890a5d-ac96-774b-bcce-b302099a8058", "w");
+    let mut keyed = session_commit(&other, 0);
+    keyed.idempotency_key = Some("key-1");
+    assert_eq!(
+        repository.commit_session(keyed).await.expect("commit"),
+        SessionCommitOutcome::KeyTaken(s.session_id.clone())
+    );
+}
+
+async fn sessions_list_newest_first_and_track_waiting_and_timers<R: Repository>(repository: R) {
+    let older = session("01890a5d-ac96-774b-bcce-b302099a8057", "w1");
+    let newer = session("01890a5d-ac96-774b-bcce-b302099a8058", "w2");
+    let mut first = session_commit(&older, 0);
+    first.waiting_join = vec!["x".into()];
+    repository.commit_session(first).await.expect("commit");
+    let timer = Timer {
+        session_id: newer.session_id.clone(),
+        kind: TimerKind::Backoff {
+            task_id: "t".into(),
+            attempt: 1,
+        },
+        at: at(10),
+    };
+    let mut second = session_commit(&newer, 0);
+    second.timers_set = vec![timer.clone()];
+    repository.commit_session(second).await.expect("commit");
+
+    let all = repository
+        .list_sessions(&SessionFilter::default(), None, 10)
+        .await
+        .expect("list");
+    let ids: Vec<&str> = all.items.iter().map(|s| s.workflow_id.as_str()).collect();
+    assert_eq!(ids, ["w2", "w1"]);
+    let filter = SessionFilter {
+        status: None,
+        workflow_id: Some("w1".into()),
+    };
+    assert_eq!(
+        repository
+            .list_sessions(&filter, None, 10)
+            .await
+            .expect("list")
+            .items
+            .len(),
+        1
+    );
+    assert_eq!(
+        repository
+            .active_sessions(None, 10)
+            .await
+            .expect("active")
+            .items
+            .len(),
+        2
+    );
+
+    assert_eq!(
+        repository.waiting_sessions("x", 10).await.expect("waiting"),
+        [older.session_id.clone()]
+    );
+    let mut leave = session_commit(&older, 1);
+    leave.waiting_leave = vec!["x".into()];
+    repository.commit_session(leave).await.expect("commit");
+    assert!(
+        repository
+            .waiting_sessions("x", 10)
+            .await
+            .expect("waiting")
+            .is_empty()
+    );
+
+    assert!(
+        repository
+            .claim_due_timers(at(9), at(20), 10)
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+    assert_eq!(
+        repository
+            .claim_due_timers(at(10), at(20), 10)
+            .await
+            .expect("claim"),
+        [timer.clone()]
+    );
+    assert!(
+        repository
+            .claim_due_timers(at(15), at(25), 10)
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+    repository
+        .clear_timers(&[timer.key()])
+        .await
+        .expect("clear");
+    assert!(
+        repository
+            .claim_due_timers(at(30), at(40), 10)
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+}
+
+async fn workflow_versions_are_immutable<R: Repository>(repository: R) {
+    let v1 = session("01890a5d-ac96-774b-bcce-b302099a8057", "w").definition;
+    assert_eq!(
+        repository.define(&v1).await.expect("define"),
+        DefineOutcome::Created
+    );
+    assert_eq!(
+        repository.define(&v1).await.expect("define"),
+        DefineOutcome::Unchanged
+    );
+    let mut changed = v1.clone();
+    changed.name = "renamed".into();
+    assert_eq!(
+        repository.define(&changed).await.expect("define"),
+        DefineOutcome::VersionExists
+    );
+    changed.version = "2".into();
+    assert_eq!(
+        repository.define(&changed).await.expect("define"),
+        DefineOutcome::Created
+    );
+    assert_eq!(
+        repository
+            .workflow("w", None)
+            .await
+            .expect("get")
+            .map(|d| d.version),
+        Some("2".into())
+    );
+    assert_eq!(
+        repository.workflow("w", Some("1")).await.expect("get"),
+        Some(v1)
+    );
+    assert_eq!(repository.workflows().await.expect("list").len(), 1);
 }
 
 macro_rules! contract {
@@ -417,7 +677,10 @@ contract!(
     listings_filter_follow_capability_changes_and_page,
     due_liveness_timers_are_claimed_once,
     the_outbox_keeps_messages_until_removed,
-    health_answers,
+    health_answers_and_commits_move_counters,
+    sessions_commit_with_their_agents_atomically,
+    sessions_list_newest_first_and_track_waiting_and_timers,
+    workflow_versions_are_immutable,
 );
 
 #[tokio::test]

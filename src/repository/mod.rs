@@ -61,6 +61,8 @@ pub struct AgentCommit<'a> {
     pub liveness_deadline: Option<DateTime<Utc>>,
     /// Messages to publish once committed.
     pub outbox: &'a [OutboxMessage],
+    /// Moves of the shared counters behind the gauges (see [`Health::counters`]).
+    pub counters: &'a [(String, i64)],
     pub now: DateTime<Utc>,
 }
 
@@ -168,9 +170,32 @@ pub trait Outbox: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), RepositoryError>> + Send;
 }
 
-/// Storage reachability, for readiness probes.
+/// Storage reachability, for readiness probes, and the counters behind the gauges.
 pub trait Health: Send + Sync + 'static {
     fn ping(&self) -> impl Future<Output = Result<(), RepositoryError>> + Send;
+
+    /// Counters that every commit moves atomically with its change, such as
+    /// `agents:idle` or `tasks:pending:no_capable_agent`: the gauges of all workers at once.
+    fn counters(
+        &self,
+    ) -> impl Future<Output = Result<std::collections::HashMap<String, i64>, RepositoryError>> + Send;
+}
+
+/// The moves that turn the counts `before` into `after`, leaving out the unchanged.
+pub fn counter_moves(
+    before: &std::collections::BTreeMap<String, i64>,
+    after: &std::collections::BTreeMap<String, i64>,
+) -> Vec<(String, i64)> {
+    let mut fields: Vec<&String> = before.keys().chain(after.keys()).collect();
+    fields.sort();
+    fields.dedup();
+    fields
+        .into_iter()
+        .filter_map(|field| {
+            let delta = after.get(field).unwrap_or(&0) - before.get(field).unwrap_or(&0);
+            (delta != 0).then(|| (field.clone(), delta))
+        })
+        .collect()
 }
 
 /// Everything the worker needs from storage.

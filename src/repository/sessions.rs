@@ -29,6 +29,8 @@ pub struct SessionCommit<'a> {
     /// Keys of timers that fired or no longer apply.
     pub timers_clear: Vec<String>,
     pub outbox: &'a [OutboxMessage],
+    /// Moves of the shared counters behind the gauges.
+    pub counters: Vec<(String, i64)>,
     pub now: DateTime<Utc>,
 }
 

@@ -1,12 +1,15 @@
 //! Applying agent commands: load, decide with the pure rules, compare-and-set, publish.
 
+use std::collections::BTreeMap;
+
 use chrono::Utc;
 use tracing::debug;
 
 use crate::bus::Publisher;
+use crate::model::Agent;
 use crate::outbox::OutboxMessage;
 use crate::registry::{self, AgentCommand, Applied, TransitionKind};
-use crate::repository::{AgentCommit, CommitOutcome, Repository, RepositoryError};
+use crate::repository::{AgentCommit, CommitOutcome, Repository, RepositoryError, counter_moves};
 
 /// Compare-and-set attempts before the work is handed back for a later retry. Conflicts only
 /// happen when several workers change one agent at the same moment.
@@ -27,6 +30,17 @@ pub enum CommandOutcome {
     NotRegistered,
     /// Other writers kept winning the compare-and-set; try again later.
     Contended,
+}
+
+/// The agent's contribution to the `agents:<state>` counters behind the agents-by-state gauge;
+/// deregistered agents count apart.
+fn gauge_counts(agent: &Agent) -> BTreeMap<String, i64> {
+    let bucket = if agent.deregistered {
+        "deregistered"
+    } else {
+        agent.state.as_str()
+    };
+    BTreeMap::from([(format!("agents:{bucket}"), 1)])
 }
 
 /// The agent registry as the worker uses it.
@@ -74,6 +88,10 @@ impl<R: Repository> Agents<R> {
             let messages: Vec<OutboxMessage> =
                 change.transitions.iter().map(|t| t.to_message()).collect();
             let previous_capabilities = agent.map_or(&[][..], |a| a.capabilities.as_slice());
+            let counters = counter_moves(
+                &agent.map(gauge_counts).unwrap_or_default(),
+                &gauge_counts(&change.agent),
+            );
 
             let outcome = self
                 .repository
@@ -85,6 +103,7 @@ impl<R: Repository> Agents<R> {
                     history: change.history.as_ref(),
                     liveness_deadline: change.liveness_deadline,
                     outbox: &messages,
+                    counters: &counters,
                     now,
                 })
                 .await?;

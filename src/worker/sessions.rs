@@ -16,11 +16,12 @@ use crate::model::{Agent, Lease};
 use crate::outbox::OutboxMessage;
 use crate::repository::sessions::waiting_capabilities;
 use crate::repository::{
-    Repository, RepositoryError, SessionCommit, SessionCommitOutcome, Versioned,
+    Repository, RepositoryError, SessionCommit, SessionCommitOutcome, Versioned, counter_moves,
 };
 use crate::subjects;
 use crate::workflow::{
-    Candidate, Effect, Rejection, Session, Timer, TimerKind, WorkflowDefinition, choose_agent,
+    Candidate, Effect, PendingReason, Rejection, Session, Timer, TimerKind, WorkflowDefinition,
+    choose_agent,
 };
 
 /// Compare-and-set attempts before an operation gives up for now.
@@ -453,6 +454,8 @@ struct Change {
     session: Session,
     version: u64,
     waiting_before: Vec<String>,
+    /// The session's counters as read, to move them by the difference on commit.
+    counts_before: BTreeMap<String, i64>,
     /// Agents read for this change, by id, with the version read.
     agents: BTreeMap<String, (Agent, u64)>,
     /// Ids of the agents whose records this change modifies.
@@ -467,15 +470,16 @@ struct Change {
 
 impl Change {
     fn new(session: Session, version: u64, now: DateTime<Utc>) -> Self {
-        let waiting_before = if version == 0 {
-            Vec::new()
+        let (waiting_before, counts_before) = if version == 0 {
+            (Vec::new(), BTreeMap::new())
         } else {
-            waiting_capabilities(&session)
+            (waiting_capabilities(&session), gauge_counts(&session))
         };
         Self {
             session,
             version,
             waiting_before,
+            counts_before,
             agents: BTreeMap::new(),
             changed: BTreeSet::new(),
             released: BTreeSet::new(),
@@ -626,10 +630,33 @@ impl Change {
                 timers_set: self.timers_set.clone(),
                 timers_clear: self.timers_clear.clone(),
                 outbox: &self.outbox,
+                counters: counter_moves(&self.counts_before, &gauge_counts(&self.session)),
                 now: self.now,
             })
             .await
     }
+}
+
+/// The session's contribution to the counters behind the gauges: sessions by status, and its
+/// waiting tasks by the reason they wait.
+fn gauge_counts(session: &Session) -> BTreeMap<String, i64> {
+    let mut counts = BTreeMap::from([(format!("sessions:{}", session.status.as_str()), 1)]);
+    if session.status.is_ended() {
+        return counts;
+    }
+    for task in &session.tasks {
+        let reason = match &task.pending {
+            Some(PendingReason::NoCapableAgent) => "no_capable_agent",
+            Some(PendingReason::AllCapableAgentsBusy) => "all_capable_agents_busy",
+            Some(PendingReason::Backoff { .. }) => "backoff",
+            Some(PendingReason::WaitingOn { .. }) => "waiting_on",
+            None => continue,
+        };
+        if !task.is_finished() && !task.is_leased() {
+            *counts.entry(format!("tasks:pending:{reason}")).or_default() += 1;
+        }
+    }
+    counts
 }
 
 fn track_task_metrics(kind: &str) {

@@ -32,6 +32,7 @@ struct State {
     outbox: HashMap<String, (DateTime<Utc>, OutboxMessage)>,
     workflows: sessions::Workflows,
     sessions: sessions::Sessions,
+    counters: HashMap<String, i64>,
 }
 
 impl MemoryRepository {
@@ -69,6 +70,12 @@ impl State {
         let events = self.events.entry(agent_id.to_owned()).or_default();
         events.retain(|_, at| *at >= cutoff);
         events.insert(event_id.to_owned(), now);
+    }
+
+    fn move_counters(&mut self, moves: &[(String, i64)]) {
+        for (field, delta) in moves {
+            *self.counters.entry(field.clone()).or_default() += delta;
+        }
     }
 
     fn add_outbox(&mut self, messages: &[OutboxMessage], due: DateTime<Utc>) {
@@ -129,6 +136,7 @@ impl AgentRepository for MemoryRepository {
             let members = state.capabilities.entry(capability.to_owned()).or_default();
             members.insert(id.to_owned());
         }
+        state.move_counters(commit.counters);
         state.add_outbox(commit.outbox, commit.now + self.options.outbox_grace);
         Ok(CommitOutcome::Committed { version })
     }
@@ -231,5 +239,9 @@ impl Outbox for MemoryRepository {
 impl Health for MemoryRepository {
     async fn ping(&self) -> Result<(), RepositoryError> {
         Ok(())
+    }
+
+    async fn counters(&self) -> Result<HashMap<String, i64>, RepositoryError> {
+        Ok(self.state().counters.clone())
     }
 }

@@ -163,6 +163,7 @@ impl SessionRepository for MemoryRepository {
             state.sessions.claims.remove(&timer.key());
             state.sessions.timers.insert(timer.key(), timer.clone());
         }
+        state.move_counters(&commit.counters);
         state.add_outbox(commit.outbox, commit.now + self.options.outbox_grace);
         Ok(SessionCommitOutcome::Committed)
     }

@@ -10,6 +10,7 @@
 //! | `cap:<capability>` | zset | ids of agents with the capability |
 //! | `timers:liveness` | zset | agent ids, scored by liveness deadline (ms) |
 //! | `outbox` / `outbox:due` | hash / zset | unpublished messages and when to sweep them |
+//! | `counters` | hash | the counts behind the gauges, moved by every commit |
 //!
 //! and for workflows ([`sessions`]):
 //!
@@ -92,6 +93,9 @@ impl Keys {
     }
     fn outbox_due(&self) -> String {
         format!("{}outbox:due", self.prefix)
+    }
+    fn counters(&self) -> String {
+        format!("{}counters", self.prefix)
     }
     fn workflow(&self, id: &str) -> String {
         format!("{}workflow:{id}", self.prefix)
@@ -240,7 +244,8 @@ impl AgentRepository for RedisRepository {
             .key(self.keys.liveness())
             .key(self.keys.agents())
             .key(self.keys.outbox())
-            .key(self.keys.outbox_due());
+            .key(self.keys.outbox_due())
+            .key(self.keys.counters());
         for capability in leave.iter().chain(&join) {
             invocation.key(self.keys.capability(capability));
         }
@@ -261,7 +266,11 @@ impl AgentRepository for RedisRepository {
             )
             .arg(millis(commit.now + self.options.outbox_grace))
             .arg(leave.len())
-            .arg(join.len());
+            .arg(join.len())
+            .arg(commit.counters.len());
+        for (field, delta) in commit.counters {
+            invocation.arg(field).arg(*delta);
+        }
         for message in commit.outbox {
             let payload =
                 serde_json::to_string(message).map_err(|source| RepositoryError::Corrupt {
@@ -427,6 +436,15 @@ impl Health for RedisRepository {
             .query_async::<String>(&mut connection)
             .await
             .map(drop)
+            .map_err(unavailable)
+    }
+
+    async fn counters(&self) -> Result<std::collections::HashMap<String, i64>, RepositoryError> {
+        let mut connection = self.connection.clone();
+        redis::cmd("HGETALL")
+            .arg(self.keys.counters())
+            .query_async(&mut connection)
+            .await
             .map_err(unavailable)
     }
 }

@@ -158,7 +158,8 @@ impl SessionRepository for RedisRepository {
             .key(self.keys.outbox())
             .key(self.keys.outbox_due())
             .key(self.keys.events(event_agent))
-            .key(self.keys.idempotency(commit.idempotency_key.unwrap_or("")));
+            .key(self.keys.idempotency(commit.idempotency_key.unwrap_or("")))
+            .key(self.keys.counters());
         for (agent, _) in &commit.agents {
             invocation.key(self.keys.agent(&agent.agent_id));
         }
@@ -186,7 +187,8 @@ impl SessionRepository for RedisRepository {
             .arg(commit.timers_set.len())
             .arg(commit.timers_clear.len())
             .arg(commit.outbox.len())
-            .arg(millis(commit.now + self.options.outbox_grace));
+            .arg(millis(commit.now + self.options.outbox_grace))
+            .arg(commit.counters.len());
         for (agent, version) in &commit.agents {
             let key = self.keys.agent(&agent.agent_id);
             invocation.arg(*version).arg(encode(&key, agent)?);
@@ -204,6 +206,9 @@ impl SessionRepository for RedisRepository {
             invocation
                 .arg(&message.id)
                 .arg(encode(&self.keys.outbox(), message)?);
+        }
+        for (field, delta) in &commit.counters {
+            invocation.arg(field).arg(*delta);
         }
 
         let mut connection = self.connection.clone();

@@ -2,12 +2,12 @@
 --
 -- KEYS: 1 record hash, 2 applied event ids (zset), 3 history (list), 4 liveness timers (zset),
 --       5 index of all agents (zset), 6 outbox messages (hash), 7 outbox due times (zset),
---       8.. capability indexes: first those to leave, then those to join
+--       8 counters (hash), 9.. capability indexes: first those to leave, then those to join
 -- ARGV: 1 expected version, 2 record JSON, 3 agent id, 4 event id or "", 5 now (ms),
 --       6 forget event ids applied before this (ms), 7 history entry JSON or "",
 --       8 history length, 9 liveness deadline (ms) or "", 10 outbox due time (ms),
---       11 capability indexes to leave, 12 capability indexes to join,
---       13.. outbox message id and payload, in pairs
+--       11 capability indexes to leave, 12 capability indexes to join, 13 counters to move,
+--       14.. counter field and delta, in pairs; then outbox message id and payload, in pairs
 -- Returns {"ok", version} | {"duplicate", version} | {"conflict", version}
 
 local current = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
@@ -43,13 +43,18 @@ redis.call('ZADD', KEYS[5], 0, agent_id)
 local leave = tonumber(ARGV[11])
 local join = tonumber(ARGV[12])
 for i = 1, leave do
-  redis.call('ZREM', KEYS[7 + i], agent_id)
+  redis.call('ZREM', KEYS[8 + i], agent_id)
 end
 for i = 1, join do
-  redis.call('ZADD', KEYS[7 + leave + i], 0, agent_id)
+  redis.call('ZADD', KEYS[8 + leave + i], 0, agent_id)
 end
 
-for i = 13, #ARGV, 2 do
+local counters = tonumber(ARGV[13])
+for i = 14, 13 + 2 * counters, 2 do
+  redis.call('HINCRBY', KEYS[8], ARGV[i], ARGV[i + 1])
+end
+
+for i = 14 + 2 * counters, #ARGV, 2 do
   redis.call('HSET', KEYS[6], ARGV[i], ARGV[i + 1])
   redis.call('ZADD', KEYS[7], ARGV[10], ARGV[i])
 end
