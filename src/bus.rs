@@ -91,8 +91,14 @@ pub async fn connect(settings: &NatsSettings) -> Result<async_nats::Client, BusE
         .connection_timeout(Duration::from_secs(settings.connect_timeout_secs))
         .event_callback(|event| async move {
             match event {
-                async_nats::Event::Connected => info!("nats connected"),
-                async_nats::Event::Disconnected => warn!("nats disconnected"),
+                async_nats::Event::Connected => {
+                    metrics::counter!("opscore_nats_connects_total").increment(1);
+                    info!("nats connected");
+                }
+                async_nats::Event::Disconnected => {
+                    metrics::counter!("opscore_nats_disconnects_total").increment(1);
+                    warn!("nats disconnected");
+                }
                 other => info!(event = %other, "nats event"),
             }
         })
@@ -254,6 +260,9 @@ impl Publisher {
             let mut headers = HeaderMap::new();
             headers.insert("Nats-Msg-Id", message.id.as_str());
             headers.insert("Content-Type", "application/cloudevents+json");
+            for (name, value) in &message.headers {
+                headers.insert(name.as_str(), value.as_str());
+            }
             let result = self
                 .publish(
                     message.subject.clone(),

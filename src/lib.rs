@@ -18,9 +18,12 @@
 //! | [`dlq`] | dead letters: copying refused messages with their reason |
 //! | [`faults`] | crash points for fault-injection tests (debug builds only) |
 //! | [`worker`] | `opscore run`: intake, handlers, timers, shutdown |
+//! | [`admin`] | the admin HTTP port: liveness, readiness, Prometheus metrics |
 //! | [`api`] | the `opscore` micro service on `opscore.api.*`, and its client |
+//! | [`trace`] | W3C trace context carried in NATS headers |
 //! | [`cli`], [`telemetry`] | the command line and logging |
 
+pub mod admin;
 pub mod api;
 pub mod bus;
 pub mod cli;
@@ -34,5 +37,6 @@ pub mod registry;
 pub mod repository;
 pub mod subjects;
 pub mod telemetry;
+pub mod trace;
 pub mod worker;
 pub mod workflow;

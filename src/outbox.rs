@@ -16,6 +16,9 @@ pub struct OutboxMessage {
     pub id: String,
     pub subject: String,
     pub payload: String,
+    /// Extra headers, such as a `traceparent`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<(String, String)>,
 }
 
 impl OutboxMessage {
@@ -40,6 +43,15 @@ impl OutboxMessage {
             id,
             subject,
             payload: envelope.to_string(),
+            headers: Vec::new(),
+        }
+    }
+
+    /// Adds a `traceparent` continuing `trace`, if there is a valid one.
+    pub fn continue_trace(&mut self, trace: Option<&str>) {
+        if let Some(traceparent) = trace.and_then(crate::trace::child) {
+            self.headers
+                .push((crate::trace::HEADER.to_owned(), traceparent));
         }
     }
 }

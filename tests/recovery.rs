@@ -80,7 +80,7 @@ async fn crash_and_recover(point: &str, after: &str) {
         &redis,
         &[("OPSCORE__WORKFLOWS__DIRECTORY", &sample_workflows())],
     ));
-    wait_until_serving(&nats).await;
+    first.wait_until_serving(&nats).await;
     let mut session_ids = Vec::new();
     for i in 0..SESSIONS {
         let request = json!({"workflowId": "sample_workflow_id", "input": {"i": i}});

@@ -321,6 +321,7 @@ async fn the_outbox_keeps_messages_until_removed<R: Repository>(repository: R) {
         id: id.to_owned(),
         subject: "opscore.status.agent.a".to_owned(),
         payload: format!("{{\"id\":\"{id}\"}}"),
+        headers: Vec::new(),
     };
     let messages = [message("m1"), message("m2")];
     let a = agent("a", &["x"], AgentState::Idle);

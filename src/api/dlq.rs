@@ -126,7 +126,11 @@ impl<R: Repository> ApiState<R> {
         Ok(json!({ "entries": entries }))
     }
 
-    pub(super) async fn dlq_replay(&self, request: DlqReplay) -> Result<Value, ApiError> {
+    pub(super) async fn dlq_replay(
+        &self,
+        request: DlqReplay,
+        traceparent: Option<&str>,
+    ) -> Result<Value, ApiError> {
         let message = self
             .dlq_message(request.id)
             .await?
@@ -181,6 +185,7 @@ impl<R: Repository> ApiState<R> {
             // Replaying one letter twice returns the session the first replay started.
             idempotency_key: Some(format!("dlq-replay-{}", request.id)),
             metadata,
+            traceparent: traceparent.map(str::to_owned),
         };
         let triggered = self.sessions.trigger(trigger).await.map_err(|e| match e {
             TriggerError::UnknownAgent(_) | TriggerError::UnknownWorkflow(_) => {

@@ -122,12 +122,18 @@ pub async fn start<R: Repository>(
     sessions: Sessions<R>,
     publisher: Publisher,
     settings: &Settings,
+    admin_address: Option<std::net::SocketAddr>,
 ) -> Result<ApiService<R>, async_nats::Error> {
     let errors: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
     let stats_errors = errors.clone();
     let service = client
         .service_builder()
         .description("opscore control API: agents, workflows, sessions, dead letters")
+        .metadata(
+            admin_address
+                .map(|address| HashMap::from([("admin".to_owned(), address.to_string())]))
+                .unwrap_or_default(),
+        )
         .stats_handler(move |endpoint, _stats| {
             let errors = stats_errors
                 .lock()
@@ -188,7 +194,15 @@ impl<R: Repository> ApiService<R> {
 
 impl<R: Repository> ApiState<R> {
     async fn answer(&self, endpoint: &str, request: service::Request) {
-        let result = self.route(endpoint, &request.message.payload).await;
+        let traceparent = request
+            .message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get(crate::trace::HEADER))
+            .and_then(|value| crate::trace::parse(value.as_str()));
+        let result = self
+            .route(endpoint, &request.message.payload, traceparent)
+            .await;
         let (payload, headers) = match result {
             Ok(value) => (Bytes::from(value.to_string()), HeaderMap::new()),
             Err(error) => {
@@ -210,19 +224,24 @@ impl<R: Repository> ApiState<R> {
         }
     }
 
-    async fn route(&self, endpoint: &str, payload: &[u8]) -> Result<Value, ApiError> {
+    async fn route(
+        &self,
+        endpoint: &str,
+        payload: &[u8],
+        traceparent: Option<&str>,
+    ) -> Result<Value, ApiError> {
         match endpoint {
             "agent-get" => self.agent_get(parse(payload)?).await,
             "agent-list" => self.agent_list(parse(payload)?).await,
             "workflow-define" => self.workflow_define(parse(payload)?).await,
             "workflow-get" => self.workflow_get(parse(payload)?).await,
             "workflow-list" => self.workflow_list().await,
-            "workflow-trigger" => self.workflow_trigger(parse(payload)?).await,
+            "workflow-trigger" => self.workflow_trigger(parse(payload)?, traceparent).await,
             "session-get" => self.session_get(parse(payload)?).await,
             "session-list" => self.session_list(parse(payload)?).await,
             "session-cancel" => self.session_cancel(parse(payload)?).await,
             "dlq-list" => self.dlq_list(parse(payload)?).await,
-            "dlq-replay" => self.dlq_replay(parse(payload)?).await,
+            "dlq-replay" => self.dlq_replay(parse(payload)?, traceparent).await,
             _ => Err(ApiError::not_found(format!("no endpoint {endpoint}"))),
         }
     }

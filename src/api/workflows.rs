@@ -103,6 +103,7 @@ impl<R: Repository> ApiState<R> {
     pub(super) async fn workflow_trigger(
         &self,
         request: WorkflowTrigger,
+        traceparent: Option<&str>,
     ) -> Result<Value, ApiError> {
         let definition = match (request.workflow_id, request.workflow_definition) {
             (Some(id), None) => {
@@ -134,6 +135,7 @@ impl<R: Repository> ApiState<R> {
             agent_id: request.agent_id,
             idempotency_key: request.idempotency_key,
             metadata: request.metadata,
+            traceparent: traceparent.map(str::to_owned),
         };
         let triggered = self.sessions.trigger(trigger).await.map_err(|e| match e {
             TriggerError::UnknownWorkflow(_) | TriggerError::UnknownAgent(_) => {

@@ -71,6 +71,7 @@ impl<R: Repository> Agents<R> {
         agent_id: &str,
         event_id: Option<&str>,
         command: AgentCommand,
+        trace: Option<&str>,
     ) -> Result<CommandOutcome, RepositoryError> {
         for _ in 0..MAX_CAS_ATTEMPTS {
             let current = self.repository.load(agent_id).await?;
@@ -85,8 +86,15 @@ impl<R: Repository> Agents<R> {
                     Ok(change) => change,
                     Err(registry::NotRegistered(_)) => return Ok(CommandOutcome::NotRegistered),
                 };
-            let messages: Vec<OutboxMessage> =
-                change.transitions.iter().map(|t| t.to_message()).collect();
+            let messages: Vec<OutboxMessage> = change
+                .transitions
+                .iter()
+                .map(|transition| {
+                    let mut message = transition.to_message();
+                    message.continue_trace(trace);
+                    message
+                })
+                .collect();
             let previous_capabilities = agent.map_or(&[][..], |a| a.capabilities.as_slice());
             let counters = counter_moves(
                 &agent.map(gauge_counts).unwrap_or_default(),

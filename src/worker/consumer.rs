@@ -5,6 +5,7 @@
 //! before the state that follows it) while different agents proceed in parallel.
 
 use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
@@ -15,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::handler::{Delivery, Handler, Outcome};
+use crate::admin::Loops;
 use crate::repository::Repository;
 
 /// Messages queued per lane before the intake waits for the lane.
@@ -27,6 +29,7 @@ const REPULL_DELAY: Duration = Duration::from_secs(1);
 pub(crate) async fn run<R: Repository>(
     consumer: PullConsumer,
     handler: Handler<R>,
+    loops: Arc<Loops>,
     lanes: usize,
     shutdown: CancellationToken,
     grace: Duration,
@@ -41,7 +44,9 @@ pub(crate) async fn run<R: Repository>(
         })
         .collect();
 
+    loops.set_intake_running(true);
     pull(&consumer, &senders, lanes, &shutdown).await;
+    loops.set_intake_running(false);
 
     // Stop intake: dropping the senders ends each lane once its queue is empty.
     drop(senders);
@@ -129,8 +134,7 @@ async fn run_lane<R: Repository>(
             stream_seq: info.stream_sequence,
             delivered: u64::try_from(info.delivered).unwrap_or(1),
         };
-        let span =
-            info_span!("message", subject = %delivery.subject, stream_seq = delivery.stream_seq);
+        let span = info_span!("message", subject = %delivery.subject, stream_seq = delivery.stream_seq, trace_id = tracing::field::Empty);
         let outcome = handler.handle(&delivery).instrument(span).await;
         debug!(subject = %delivery.subject, stream_seq = delivery.stream_seq, ?outcome, "handled");
         let ack = match outcome {

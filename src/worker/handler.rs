@@ -133,6 +133,14 @@ impl<R: Repository> Handler<R> {
             self.options.limits,
         )?;
         let event_id = envelope.event_id.as_str();
+        let trace = delivery
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get(crate::trace::HEADER))
+            .and_then(|value| crate::trace::parse(value.as_str()));
+        if let Some(trace_id) = trace.and_then(crate::trace::trace_id) {
+            tracing::Span::current().record("trace_id", trace_id);
+        }
         let outcome = match event(agent_id, kind, &envelope)? {
             Event::Agent(command) => {
                 let legacy = match &command {
@@ -142,7 +150,10 @@ impl<R: Repository> Handler<R> {
                     }
                     _ => None,
                 };
-                let result = self.agents.execute(agent_id, Some(event_id), command).await;
+                let result = self
+                    .agents
+                    .execute(agent_id, Some(event_id), command, trace)
+                    .await;
                 let outcome = self.agent_outcome(agent_id, delivery, result).await?;
                 // Agents of the original service report task progress as states naming the
                 // task; the state is applied above, its meaning for the task here, under a
@@ -169,7 +180,7 @@ impl<R: Repository> Handler<R> {
                     // Any report proves the agent alive; a failure here only delays liveness.
                     if let Err(error) = self
                         .agents
-                        .execute(agent_id, None, AgentCommand::Seen)
+                        .execute(agent_id, None, AgentCommand::Seen, trace)
                         .await
                     {
                         debug!(%error, agent_id, "liveness refresh failed");

@@ -7,6 +7,7 @@ mod handler;
 mod sessions;
 mod timers;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -20,6 +21,7 @@ pub use self::sessions::{
     Report, SessionOutcome, Sessions, Trigger, TriggerError, Triggered, session_of_task,
 };
 pub use self::timers::{ReconcileReport, TimerReport, reconcile, run_due};
+use crate::admin::{self, Admin, Loops};
 use crate::api;
 use crate::bus::{self, BusError, Publisher};
 use crate::config::{Backend, Settings};
@@ -28,6 +30,7 @@ use crate::repository::{
     DefineOutcome, MemoryRepository, RedisRepository, Repository, RepositoryError,
     RepositoryOptions,
 };
+use crate::telemetry;
 use crate::workflow::WorkflowDefinition;
 
 /// Why the worker could not start.
@@ -41,6 +44,10 @@ pub enum StartError {
     Api(async_nats::Error),
     #[error("workflow file {path}: {message}")]
     Workflow { path: String, message: String },
+    #[error("admin port: invalid address")]
+    AdminAddress,
+    #[error("admin port: {0}")]
+    Admin(std::io::Error),
 }
 
 /// Defines every `*.json` workflow in `directory` (empty: none). A file that does not parse
@@ -156,15 +163,55 @@ pub async fn run_with<R: Repository>(
             unknown_agent_retry_delay: Duration::from_millis(worker.unknown_agent_retry_delay_ms),
         },
     );
-    let service = api::start(&client, sessions.clone(), publisher, &settings)
-        .await
-        .map_err(StartError::Api)?;
+    // The admin port is bound first so that its actual address (port 0 picks one) can be
+    // announced in the micro service's metadata, where `$SRV.INFO` shows it.
+    let admin_listener = if settings.admin.enabled {
+        // Validated as an address with the rest of the configuration.
+        let listen: std::net::SocketAddr = settings
+            .admin
+            .listen
+            .parse()
+            .map_err(|_| StartError::AdminAddress)?;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(StartError::Admin)?;
+        Some(listener)
+    } else {
+        None
+    };
+    let admin_address = admin_listener
+        .as_ref()
+        .and_then(|listener| listener.local_addr().ok());
+    let service = api::start(
+        &client,
+        sessions.clone(),
+        publisher.clone(),
+        &settings,
+        admin_address,
+    )
+    .await
+    .map_err(StartError::Api)?;
+    telemetry::metrics_handle();
+    let loops = Arc::new(Loops::default());
 
     let mut tasks = JoinSet::new();
+    if let Some(listener) = admin_listener {
+        let admin = Admin {
+            client: client.clone(),
+            jetstream: publisher.jetstream().clone(),
+            repository: repository.clone(),
+            consumer: worker.consumer.clone(),
+            loops: loops.clone(),
+            stall: (settings.agents.timer_interval() * 20).max(Duration::from_secs(30)),
+        };
+        tasks
+            .spawn(admin::serve(admin, listener, shutdown.clone()).instrument(info_span!("admin")));
+    }
     tasks.spawn(
         consumer::run(
             consumer,
             handler,
+            loops.clone(),
             worker.max_in_flight,
             shutdown.clone(),
             worker.shutdown_grace(),
@@ -175,6 +222,7 @@ pub async fn run_with<R: Repository>(
         timers::run(
             agents,
             sessions.clone(),
+            loops,
             settings.agents.timer_interval(),
             shutdown.clone(),
         )

@@ -68,6 +68,8 @@ pub struct Trigger {
     pub agent_id: Option<String>,
     pub idempotency_key: Option<String>,
     pub metadata: Map<String, Value>,
+    /// The W3C `traceparent` of the request, continued by every message about the session.
+    pub traceparent: Option<String>,
 }
 
 /// A started (or, for a repeated idempotency key, existing) session.
@@ -138,6 +140,12 @@ impl<R: Repository> Sessions<R> {
             now,
         )
         .map_err(|e| TriggerError::Invalid(e.to_string()))?;
+        let mut session = session;
+        session.traceparent = trigger
+            .traceparent
+            .as_deref()
+            .and_then(crate::trace::parse)
+            .map(str::to_owned);
 
         let mut change = Change::new(session, 0, now);
         change.absorb(&self.repository, effects).await?;
@@ -513,12 +521,24 @@ impl Change {
         repository: &R,
         effects: Vec<Effect>,
     ) -> Result<(), RepositoryError> {
+        let trace = self.session.traceparent.clone();
+        let outbox_before = self.outbox.len();
         for effect in effects {
             match effect {
                 Effect::Dispatch {
                     agent_id,
                     assignment,
                 } => {
+                    let ready_at = self
+                        .session
+                        .tasks
+                        .iter()
+                        .find(|task| task.task_id == assignment.task_id)
+                        .and_then(|task| task.ready_at);
+                    if let Some(waited) = ready_at.and_then(|at| (self.now - at).to_std().ok()) {
+                        metrics::histogram!("opscore_dispatch_latency_seconds")
+                            .record(waited.as_secs_f64());
+                    }
                     let data = serde_json::to_value(&assignment).unwrap_or(Value::Null);
                     self.outbox.push(dispatch_message(
                         &agent_id,
@@ -566,6 +586,13 @@ impl Change {
                         .unwrap_or_else(|_| "opscore.status.session.invalid".to_owned());
                     let data = serde_json::to_value(&event).unwrap_or(Value::Null);
                     track_task_metrics(&kind);
+                    if kind.starts_with("session.") && self.session.status.is_ended() {
+                        let lasted = (self.now - self.session.start_time)
+                            .to_std()
+                            .unwrap_or_default();
+                        metrics::histogram!("opscore_session_duration_seconds")
+                            .record(lasted.as_secs_f64());
+                    }
                     self.outbox.push(OutboxMessage::cloudevent(
                         id,
                         subject,
@@ -590,6 +617,9 @@ impl Change {
                     ));
                 }
             }
+        }
+        for message in &mut self.outbox[outbox_before..] {
+            message.continue_trace(trace.as_deref());
         }
         Ok(())
     }

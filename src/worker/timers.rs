@@ -2,6 +2,7 @@
 //! timeouts) and the outbox sweep; and the reconciler. Timers live in the repository, so any
 //! worker may fire a due one, and a claim keeps two workers from firing it at once.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -10,6 +11,7 @@ use tracing::{debug, info, warn};
 
 use super::agents::Agents;
 use super::sessions::{SessionOutcome, Sessions};
+use crate::admin::Loops;
 use crate::registry::AgentCommand;
 use crate::repository::{Repository, RepositoryError};
 
@@ -46,7 +48,7 @@ pub async fn run_due<R: Repository>(
         .await?;
     for agent_id in due {
         agents
-            .execute(&agent_id, None, AgentCommand::CheckLiveness)
+            .execute(&agent_id, None, AgentCommand::CheckLiveness, None)
             .await?;
         report.liveness_checked += 1;
     }
@@ -123,6 +125,7 @@ pub async fn reconcile<R: Repository>(
 pub(crate) async fn run<R: Repository>(
     agents: Agents<R>,
     sessions: Sessions<R>,
+    loops: Arc<Loops>,
     interval: Duration,
     shutdown: CancellationToken,
 ) {
@@ -135,6 +138,7 @@ pub(crate) async fn run<R: Repository>(
             _ = ticker.tick() => {}
         }
         let result = run_due(&agents, &sessions).await;
+        loops.timer_ticked();
         failing = report_health("timers", result.map(|r| debug!(?r, "timers")), failing);
     }
 }
@@ -171,6 +175,7 @@ fn report_health(loop_name: &str, result: Result<(), RepositoryError>, failing: 
             false
         }
         Err(error) => {
+            metrics::counter!("opscore_storage_errors_total").increment(1);
             if !failing {
                 warn!(loop_name, %error, "cannot reach storage");
             }

@@ -154,6 +154,7 @@ impl Session {
             definition,
             tasks,
             seq: 0,
+            traceparent: None,
         };
         let mut effects = vec![session.session_event(EventKind::SessionStarted, now)];
         for idx in 0..session.tasks.len() {

@@ -37,6 +37,10 @@ pub struct Session {
     pub tasks: Vec<Task>,
     /// Sequence number of the last status event emitted for this session (0: none yet).
     pub seq: u64,
+    /// The W3C `traceparent` of the request that started the session; every message about
+    /// the session continues that trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// Session lifecycle: `pending` → `running` → `completed` | `failed` | `cancelled`.

@@ -200,6 +200,8 @@ pub fn settings(
         ("OPSCORE__WORKER__SHUTDOWN_GRACE_SECS", "5".into()),
         ("OPSCORE__REDIS__RESPONSE_TIMEOUT_MS", "500".into()),
         ("OPSCORE__REDIS__CONNECT_TIMEOUT_MS", "500".into()),
+        // Port 0: the worker picks a free port and announces it in `$SRV.INFO`.
+        ("OPSCORE__ADMIN__LISTEN", "127.0.0.1:0".into()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
@@ -222,6 +224,10 @@ pub fn env_vars(
 ) -> Vec<(String, String)> {
     let mut vars = vec![
         ("OPSCORE__NATS__SERVERS".to_owned(), nats.url()),
+        (
+            "OPSCORE__ADMIN__LISTEN".to_owned(),
+            "127.0.0.1:0".to_owned(),
+        ),
         (
             "OPSCORE__NATS__PING_INTERVAL_SECS".to_owned(),
             "1".to_owned(),
@@ -302,6 +308,20 @@ pub async fn wait_until_serving(nats: &NatsServer) {
     }
 }
 
+/// The admin address a worker announces in its `$SRV.INFO` metadata (one worker answers).
+pub async fn admin_address(nats: &NatsServer) -> String {
+    let client = nats.client().await;
+    let reply = client
+        .request("$SRV.INFO.opscore", "".into())
+        .await
+        .expect("$SRV.INFO answers");
+    let info: Value = serde_json::from_slice(&reply.payload).expect("json");
+    info["metadata"]["admin"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no admin address in {info}"))
+        .to_owned()
+}
+
 /// A worker run as a child process of the `opscore` binary, so it can be SIGKILLed.
 pub struct ChildWorker {
     child: Child,
@@ -336,6 +356,30 @@ impl ChildWorker {
     pub fn kill(&mut self) {
         self.child.kill().ok();
         self.child.wait().ok();
+    }
+
+    /// Waits until the worker serves its control API; fails with its log if it exited.
+    pub async fn wait_until_serving(&mut self, nats: &NatsServer) {
+        let client = nats.client().await;
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "worker exited with {status} before serving:\n{}",
+                    self.log_text()
+                );
+            }
+            let ping = client.request("$SRV.PING.opscore", "".into());
+            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(500), ping).await {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "worker did not start serving:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Waits for the process to exit by itself.
