@@ -1,6 +1,7 @@
 //! The command line: `opscore run` and the client commands that talk to a running worker.
 
 mod agents;
+mod doctor;
 mod sessions;
 mod watch;
 
@@ -73,6 +74,9 @@ pub enum Command {
     Dlq(DlqCommand),
     /// Follow the status streams live: one line per agent, session or task transition.
     Watch(WatchArgs),
+    /// Check the configuration, NATS (JetStream, streams, consumer, permissions) and Redis,
+    /// with a fix for each failure; exits non-zero when a check fails.
+    Doctor,
 }
 
 #[derive(Debug, Subcommand)]
@@ -215,14 +219,22 @@ pub struct WatchArgs {
 pub async fn execute(command: Command, settings: Settings) -> ExitCode {
     let result = match command {
         Command::Run => return run(settings).await,
-        Command::Agent(AgentCommand::List(args)) => agents::agent_list(&settings, args).await,
-        Command::Agent(AgentCommand::Get { agent_id, json }) => {
+        Command::Bridge => {
+            let shutdown = CancellationToken::new();
+            tokio::spawn(stop_on_signalntCommand::Get { agent_id, json }) => {
             agents::agent_get(&settings, &agent_id, json).await
         }
         Command::Workflow(command) => sessions::workflow(&settings, command).await,
         Command::Session(command) => sessions::session(&settings, command).await,
         Command::Dlq(command) => sessions::dlq(&settings, command).await,
         Command::Watch(args) => watch::watch(&settings, args).await,
+        Command::Doctor => {
+            return if doctor::doctor(&settings).await {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -835,3 +835,13 @@ pub async fn wait_for_sessions(nats: &NatsServer, session_ids: &[String]) -> Vec
     }
     sessions
 }
+
+/// An HTTP client; reqwest is built without a default TLS provider, so install rustls' ring
+/// provider first (once per process).
+pub fn http() -> reqwest::Client {
+    static PROVIDER: std::sync::Once = std::sync::Once::new();
+    PROVIDER.call_once(|| {
+        drop(rustls::crypto::ring::default_provider().install_default());
+    });
+    reqwest::Client::new()
+}

@@ -429,6 +429,23 @@ impl Outbox for RedisRepository {
     }
 }
 
+impl RedisRepository {
+    /// Runs a script that writes and deletes a probe key under the prefix, for `opscore
+    /// doctor`: it fails when the user may not run scripts or write there.
+    pub async fn check_scripts(&self) -> Result<(), RepositoryError> {
+        let probe = Script::new(
+            "redis.call('SET', KEYS[1], '1', 'PX', 1000) return redis.call('DEL', KEYS[1])",
+        );
+        let mut connection = self.connection.clone();
+        probe
+            .key(format!("{}doctor:probe", self.keys.prefix))
+            .invoke_async::<i64>(&mut connection)
+            .await
+            .map(drop)
+            .map_err(unavailable)
+    }
+}
+
 impl Health for RedisRepository {
     async fn ping(&self) -> Result<(), RepositoryError> {
         let mut connection = self.connection.clone();
