@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -213,7 +214,12 @@ impl Settings {
         }
 
         let nats = &self.nats;
-        if nats.servers.is_empty() || nats.servers.iter().any(|s| s.trim().is_empty()) {
+        if nats.servers.is_empty()
+            || nats
+                .servers
+                .iter()
+                .any(|s| s.parse::<async_nats::ServerAddr>().is_err())
+        {
             return Err(invalid(
                 "nats.servers",
                 "at least one server address is required",
@@ -266,8 +272,14 @@ impl Settings {
         if !(1..=5).contains(&self.streams.replicas) {
             return Err(invalid("streams.replicas", "must be from 1 to 5"));
         }
-        if self.streams.status_max_age_secs == 0 || self.streams.events_max_age_secs == 0 {
-            return Err(invalid("streams.status_max_age_secs", "must be positive"));
+        let ages = [
+            ("streams.events_max_age_secs", self.streams.events_max_age_secs),
+            ("streams.dispatch_max_age_secs", self.streams.dispatch_max_age_secs),
+            ("streams.status_max_age_secs", self.streams.status_max_age_secs),
+            ("streams.dlq_max_age_secs", self.streams.dlq_max_age_secs),
+        ];
+        if let Some((key, _)) = ages.into_iter().find(|(_, age)| *age == 0) {
+            return Err(invalid(key, "must be positive"));
         }
         if self.streams.duplicate_window_secs == 0 {
             return Err(invalid("streams.duplicate_window_secs", "must be positive"));
@@ -303,6 +315,47 @@ impl Settings {
             return Err(invalid(
                 "agents.timer_interval_ms",
                 "must be from 10 to 60000",
+            ));
+        }
+
+        if !(1..=86_400).contains(&self.workflows.reconcile_interval_secs) {
+            return Err(invalid(
+                "workflows.reconcile_interval_secs",
+                "must be from 1 to 86400",
+            ));
+        }
+        let directory = &self.workflows.directory;
+        if !directory.is_empty() && !Path::new(directory).is_dir() {
+            return Err(invalid(
+                "workflows.directory",
+                format!("{directory} is not a directory"),
+            ));
+        }
+
+        if self.admin.enabled && self.admin.listen.parse::<SocketAddr>().is_err() {
+            return Err(invalid(
+                "admin.listen",
+                "must be an address such as 127.0.0.1:9090",
+            ));
+        }
+        let bridge = &self.bridge;
+        if bridge.listen.parse::<SocketAddr>().is_err() {
+            return Err(invalid(
+                "bridge.listen",
+                "must be an address such as 127.0.0.1:8080",
+            ));
+        }
+        if !crate::subjects::is_valid_token(&bridge.consumer) {
+            return Err(invalid("bridge.consumer", "must match [A-Za-z0-9_-]{1,128}"));
+        }
+        if bridge.delivery_attempts == 0 {
+            return Err(invalid("bridge.delivery_attempts", "must be at least 1"));
+        }
+        let agentkit = &bridge.agentkit_url;
+        if !agentkit.is_empty() && !agentkit.starts_with("http://") && !agentkit.starts_with("https://") {
+            return Err(invalid(
+                "bridge.agentkit_url",
+                "must start with http:// or https://",
             ));
         }
         Ok(())
@@ -400,6 +453,12 @@ mod tests {
             ),
             ("OPSCORE__REDIS__URL", "http://x", "redis.url"),
             ("OPSCORE__WORKER__CONSUMER", "a.b", "worker.consumer"),
+            ("OPSCORE__STREAMS__EVENTS_MAX_AGE_SECS", "0", "streams.events_max_age_secs"),
+            ("OPSCORE__WORKFLOWS__RECONCILE_INTERVAL_SECS", "0", "workflows.reconcile_interval_secs"),
+            ("OPSCORE__WORKFLOWS__DIRECTORY", "/nonexistent/dir", "workflows.directory"),
+            ("OPSCORE__ADMIN__LISTEN", "not-an-address", "admin.listen"),
+            ("OPSCORE__BRIDGE__LISTEN", "8080", "bridge.listen"),
+            ("OPSCORE__NATS__SERVERS", "nats://bad host:4222", "nats.servers"),
             (
                 "OPSCORE__AGENTS__HISTORY_LENGTH",
                 "0",

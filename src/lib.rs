@@ -20,11 +20,15 @@
 //! | [`worker`] | `opscore run`: intake, handlers, timers, shutdown |
 //! | [`admin`] | the admin HTTP port: liveness, readiness, Prometheus metrics |
 //! | [`api`] | the `opscore` micro service on `opscore.api.*`, and its client |
+//! | [`bridge`] | `opscore bridge`: the original HTTP API and AgentKit, relayed over NATS |
+//! | [`bench`] | `opscore-bench`: simulated agents, scenarios and figures against the bus ceiling |
 //! | [`trace`] | W3C trace context carried in NATS headers |
 //! | [`cli`], [`telemetry`] | the command line and logging |
 
 pub mod admin;
 pub mod api;
+pub mod bench;
+pub mod bridge;
 pub mod bus;
 pub mod cli;
 pub mod config;

@@ -17,7 +17,7 @@ fn main() -> ExitCode {
     };
     // Client commands print results; their own logs would only be noise below warnings.
     let mut log = settings.log.clone();
-    if !matches!(cli.command, cli::Command::Run) {
+    if !matches!(cli.command, cli::Command::Run | cli::Command::Bridge) {
         log.level = "warn".to_owned();
     }
     opscore::telemetry::init(&log, cli.log_format.map(Into::into));

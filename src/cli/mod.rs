@@ -77,6 +77,9 @@ pub enum Command {
     /// Check the configuration, NATS (JetStream, streams, consumer, permissions) and Redis,
     /// with a fix for each failure; exits non-zero when a check fails.
     Doctor,
+    /// Run the HTTP bridge: the original Ops-Core REST API and AgentKit webhook, relayed over
+    /// NATS.
+    Bridge,
 }
 
 #[derive(Debug, Subcommand)]
@@ -221,7 +224,21 @@ pub async fn execute(command: Command, settings: Settings) -> ExitCode {
         Command::Run => return run(settings).await,
         Command::Bridge => {
             let shutdown = CancellationToken::new();
-            tokio::spawn(stop_on_signalntCommand::Get { agent_id, json }) => {
+            tokio::spawn(stop_on_signal(shutdown.clone()));
+            return match crate::bridge::run(settings, shutdown).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error @ crate::bridge::BridgeError::Config { .. }) => {
+                    error!(%error, "opscore bridge cannot start");
+                    ExitCode::from(EXIT_CONFIG)
+                }
+                Err(error) => {
+                    error!(%error, "opscore bridge failed");
+                    ExitCode::from(EXIT_UNAVAILABLE)
+                }
+            };
+        }
+        Command::Agent(AgentCommand::List(args)) => agents::agent_list(&settings, args).await,
+        Command::Agent(AgentCommand::Get { agent_id, json }) => {
             agents::agent_get(&settings, &agent_id, json).await
         }
         Command::Workflow(command) => sessions::workflow(&settings, command).await,

@@ -155,6 +155,11 @@ impl<R: Repository> Sessions<R> {
         {
             SessionCommitOutcome::Committed => {}
             SessionCommitOutcome::KeyTaken(existing) => {
+                // The key names the session it created, whatever this request asked to run.
+                let workflow_id = match self.repository.load_session(&existing).await? {
+                    Some(record) => record.value.workflow_id,
+                    None => workflow_id,
+                };
                 return Ok(Triggered {
                     session_id: existing,
                     workflow_id,
@@ -260,7 +265,7 @@ impl<R: Repository> Sessions<R> {
                 })
                 .await?
             }
-            TimerKind::Backoff { .. } => self.place(&timer.session_id, &key).await?,
+            TimerKind::Backoff { .. } => self.place(&timer.session_id, &key).await?.0,
         };
         if outcome == SessionOutcome::NotFound {
             self.repository.clear_timers(&key).await?;
@@ -278,26 +283,27 @@ impl<R: Repository> Sessions<R> {
     }
 
     /// Places the ready tasks of a session: each goes to the least recently assigned eligible
-    /// agent, or records why it waits.
-    pub async fn schedule(&self, session_id: &str) -> Result<SessionOutcome, RepositoryError> {
-        let outcome = self.place(session_id, &[]).await?;
-        Ok(outcome)
+    /// agent, or records why it waits. Returns how many tasks were dispatched.
+    pub async fn schedule(&self, session_id: &str) -> Result<usize, RepositoryError> {
+        let (_, dispatched) = self.place(session_id, &[]).await?;
+        Ok(dispatched)
     }
 
     async fn place(
         &self,
         session_id: &str,
         timers_fired: &[String],
-    ) -> Result<SessionOutcome, RepositoryError> {
+    ) -> Result<(SessionOutcome, usize), RepositoryError> {
         for _ in 0..MAX_ATTEMPTS {
             let Some(record) = self.repository.load_session(session_id).await? else {
-                return Ok(SessionOutcome::NotFound);
+                return Ok((SessionOutcome::NotFound, 0));
             };
             let now = Utc::now();
             let ready = record.value.ready_tasks(now);
             if ready.is_empty() && timers_fired.is_empty() {
-                return Ok(SessionOutcome::Applied);
+                return Ok((SessionOutcome::Applied, 0));
             }
+            let mut dispatched = 0;
 
             // Candidates for every capability the ready tasks need, read before deciding.
             let mut agents: BTreeMap<String, (Agent, u64)> = BTreeMap::new();
@@ -318,6 +324,7 @@ impl<R: Repository> Sessions<R> {
                 }
             }
 
+            let unchanged = record.value.clone();
             let mut change = Change::new(record.value, record.version, now);
             change.agents = agents;
             change.timers_clear.extend(timers_fired.iter().cloned());
@@ -341,7 +348,7 @@ impl<R: Repository> Sessions<R> {
                         });
                         let Ok(effects) = effects else { continue };
                         change.reserve(&agent_id, &task_id, now);
-                        metrics::counter!("opscore_tasks_dispatched_total").increment(1);
+                        dispatched += 1;
                         effects
                     }
                     Err(reason) => match change.session.mark_waiting(&task_id, reason, now) {
@@ -355,22 +362,27 @@ impl<R: Repository> Sessions<R> {
                 change.absorb(&self.repository, effects).await?;
             }
 
+            // Every task still waits for the same reason: nothing to write.
+            if change.session == unchanged && change.is_empty() {
+                return Ok((SessionOutcome::Applied, 0));
+            }
             match change.commit(&self.repository, None, None).await? {
                 SessionCommitOutcome::Committed => {
                     crate::faults::crash_point("after_commit");
+                    metrics::counter!("opscore_tasks_dispatched_total").increment(dispatched as u64);
                     self.publisher.flush(&self.repository, &change.outbox).await;
                     crate::faults::crash_point("after_publish");
-                    return Ok(SessionOutcome::Applied);
+                    return Ok((SessionOutcome::Applied, dispatched));
                 }
                 SessionCommitOutcome::Conflict => {
                     debug!(session_id, "placement conflict; retrying")
                 }
                 SessionCommitOutcome::Duplicate | SessionCommitOutcome::KeyTaken(_) => {
-                    return Ok(SessionOutcome::Duplicate);
+                    return Ok((SessionOutcome::Duplicate, 0));
                 }
             }
         }
-        Ok(SessionOutcome::Contended)
+        Ok((SessionOutcome::Contended, 0))
     }
 
     /// Loads a session, applies `decide`, commits with the agents whose leases it released,
@@ -390,12 +402,13 @@ impl<R: Repository> Sessions<R> {
                 return Ok(SessionOutcome::NotFound);
             };
             let now = Utc::now();
-            let mut session = record.value;
-            let effects = match decide(&mut session, now) {
+            // The change snapshots the session's indexes and counters before the engine moves
+            // it, so that the commit can take it out of what it leaves.
+            let mut change = Change::new(record.value, record.version, now);
+            let effects = match decide(&mut change.session, now) {
                 Ok(effects) => effects,
                 Err(rejection) => return Ok(SessionOutcome::Rejected(rejection)),
             };
-            let mut change = Change::new(session, record.version, now);
             change.timers_clear.extend(timers_fired.iter().cloned());
             change.absorb(&self.repository, effects).await?;
 
@@ -496,6 +509,14 @@ impl Change {
             outbox: Vec::new(),
             now,
         }
+    }
+
+    /// Whether the change writes nothing besides the session itself.
+    fn is_empty(&self) -> bool {
+        self.changed.is_empty()
+            && self.outbox.is_empty()
+            && self.timers_set.is_empty()
+            && self.timers_clear.is_empty()
     }
 
     /// Takes a slot of `agent_id` for the task's new lease.

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::agents::Agents;
-use super::sessions::{SessionOutcome, Sessions};
+use super::sessions::Sessions;
 use crate::admin::Loops;
 use crate::registry::AgentCommand;
 use crate::repository::{Repository, RepositoryError};
@@ -77,7 +77,7 @@ pub async fn run_due<R: Repository>(
 pub struct ReconcileReport {
     /// Active sessions examined.
     pub sessions: usize,
-    /// Sessions with ready tasks that no event had placed: placed (or marked waiting) now.
+    /// Tasks that were ready with an eligible agent but that no event had placed: dispatched now.
     pub placed: usize,
 }
 
@@ -96,16 +96,10 @@ pub async fn reconcile<R: Repository>(
             .await?;
         for session_id in &page.items {
             report.sessions += 1;
-            let Some(record) = repository.load_session(session_id).await? else {
-                continue;
-            };
-            let unplaced = record.value.tasks.iter().any(|task| {
-                task.pending.is_none()
-                    && record.value.ready_tasks(Utc::now()).contains(&task.task_id)
-            });
-            if unplaced && sessions.schedule(session_id).await? == SessionOutcome::Applied {
-                report.placed += 1;
-            }
+            // Placement is idempotent: a session whose ready tasks have no eligible agent
+            // only has its reasons confirmed. A dispatch here is drift: a placement that an
+            // event should have triggered and did not (a worker died in between).
+            report.placed += sessions.schedule(session_id).await?;
         }
         match page.next_cursor {
             Some(next) => cursor = Some(next),
@@ -116,7 +110,7 @@ pub async fn reconcile<R: Repository>(
         metrics::counter!("opscore_reconciler_repairs_total").increment(report.placed as u64);
         warn!(
             placed = report.placed,
-            "reconciler placed tasks no event had placed"
+            "reconciler dispatched tasks no event had placed"
         );
     }
     Ok(report)

@@ -1,0 +1,161 @@
+//! The worker under test in one scenario, and what the harness observes of it while a phase
+//! runs: memory, CPU, and the worker's own histograms.
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use tracing::debug;
+
+use super::probe::{self, CpuWindow, Histogram, RssSampler};
+use super::report::Observed;
+use super::workers::{self, WorkerSet};
+use super::{BenchError, Context};
+use crate::bus;
+
+/// How long the events consumer may take to become quiet at the end of a scenario.
+const QUIET_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The workers a scenario drives: spawned for it, or the ones already serving.
+#[derive(Debug)]
+pub(crate) struct Deployment {
+    set: Option<WorkerSet>,
+    /// Admin addresses announced in `$SRV.INFO`, for `/metrics`.
+    admin: Vec<String>,
+    pub(crate) workers: usize,
+}
+
+impl Deployment {
+    /// Spawns `count` workers for scenario `label` with `extra` environment, or, without
+    /// `--spawn-worker`, checks that a worker serves.
+    pub(crate) async fn start(
+        context: &Context,
+        count: usize,
+        label: &str,
+        extra: &[(&str, String)],
+    ) -> Result<Self, BenchError> {
+        let set = match &context.spawn {
+            Some(spawn) => {
+                Some(WorkerSet::start(spawn, count, label, extra, &context.control).await?)
+            }
+            None => None,
+        };
+        let serving = workers::gather(&context.control, "$SRV.PING.opscore")
+            .await?
+            .len();
+        if serving == 0 {
+            return Err(BenchError::Setup(format!(
+                "no opscore worker answers $SRV.PING on {}; start one or give --spawn-worker",
+                context.nats_url
+            )));
+        }
+        Ok(Self {
+            set,
+            admin: workers::admin_addresses(&context.control).await,
+            workers: serving,
+        })
+    }
+
+    /// Process ids of the spawned workers (none for an external worker).
+    pub(crate) fn pids(&self) -> Vec<u32> {
+        self.set.as_ref().map(WorkerSet::pids).unwrap_or_default()
+    }
+
+    /// Every process whose CPU the harness can account for.
+    fn processes(&self, context: &Context) -> Vec<(String, u32)> {
+        let mut processes: Vec<(String, u32)> = self
+            .pids()
+            .into_iter()
+            .enumerate()
+            .map(|(n, pid)| (format!("opscore#{n}"), pid))
+            .collect();
+        processes.extend(context.servers.iter().cloned());
+        processes.push(("opscore-bench".to_owned(), std::process::id()));
+        processes
+    }
+
+    /// Starts observing a phase.
+    pub(crate) async fn observe(&self, context: &Context) -> Observation {
+        let pids = self.pids();
+        Observation {
+            started: Instant::now(),
+            handler: probe::scrape(&self.admin, probe::HANDLER).await,
+            dispatch: probe::scrape(&self.admin, probe::DISPATCH).await,
+            cpu: CpuWindow::start(&self.processes(context)),
+            rss: (!pids.is_empty()).then(|| RssSampler::start(pids)),
+        }
+    }
+
+    /// Waits until the events consumer of spawned workers has nothing pending or
+    /// unacknowledged, so the next scenario starts from a quiet bus.
+    pub(crate) async fn wait_quiet(&self, context: &Context) -> Result<(), BenchError> {
+        let Some(spawn) = &context.spawn else {
+            return Ok(());
+        };
+        let jetstream = jetstream::new(context.control.clone());
+        let deadline = Instant::now() + QUIET_TIMEOUT;
+        loop {
+            let mut consumer: jetstream::consumer::PullConsumer = jetstream
+                .get_consumer_from_stream(spawn.consumer(), bus::EVENTS_STREAM)
+                .await
+                .map_err(|e| BenchError::nats("read the events consumer", e))?;
+            let info = consumer
+                .info()
+                .await
+                .map_err(|e| BenchError::nats("read the events consumer", e))?;
+            if info.num_pending == 0 && info.num_ack_pending == 0 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(BenchError::Timeout {
+                    what: format!(
+                        "events consumer still holds {} pending and {} unacknowledged",
+                        info.num_pending, info.num_ack_pending
+                    ),
+                    seconds: QUIET_TIMEOUT.as_secs(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops spawned workers; an external worker is left running.
+    pub(crate) async fn stop(self) {
+        if let Some(set) = self.set {
+            set.stop().await;
+        }
+    }
+}
+
+/// Counters taken at the start of a phase.
+#[derive(Debug)]
+pub(crate) struct Observation {
+    started: Instant,
+    handler: Option<Histogram>,
+    dispatch: Option<Histogram>,
+    cpu: CpuWindow,
+    rss: Option<RssSampler>,
+}
+
+impl Observation {
+    /// What changed since the phase started.
+    pub(crate) async fn finish(self, deployment: &Deployment) -> Observed {
+        let seconds = self.started.elapsed().as_secs_f64();
+        let cpu = self.cpu.finish();
+        let worker_rss_peak_mib = self.rss.map(|rss| rss.finish() as f64 / 1024.0);
+        let delta = |before: Option<Histogram>, after: Option<Histogram>, metric: &str| {
+            Some(after?.delta(&before?, metric, seconds))
+        };
+        let handler_after = probe::scrape(&deployment.admin, probe::HANDLER).await;
+        let dispatch_after = probe::scrape(&deployment.admin, probe::DISPATCH).await;
+        if handler_after.is_none() {
+            debug!("no worker metrics: the admin port is off or unreachable");
+        }
+        Observed {
+            worker_rss_peak_mib,
+            handler: delta(self.handler, handler_after, probe::HANDLER),
+            worker_dispatch: delta(self.dispatch, dispatch_after, probe::DISPATCH)
+                .filter(|d| d.count > 0),
+            cpu: Some(cpu),
+        }
+    }
+}
