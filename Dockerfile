@@ -10,7 +10,7 @@ RUN cargo build --release --locked --bin opscore
 # Runtime stage: the binary alone, run as an unprivileged user.
 FROM debian:bookworm-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates \
+ && apt-get install -y --no-install-recommends ca-certificates curl \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --no-create-home opscore
 COPY --from=build /src/target/release/opscore /usr/local/bin/opscore

@@ -82,7 +82,10 @@ pub async fn connect(settings: &NatsSettings) -> Result<async_nats::Client, BusE
     let servers = settings
         .servers
         .iter()
-        .map(|s| s.parse().map_err(|_| BusError::Address(s.clone())))
+        .map(|s| {
+            s.parse()
+                .map_err(|_| BusError::Address(crate::config::redact_url(s)))
+        })
         .collect::<Result<Vec<async_nats::ServerAddr>, _>>()?;
     options
         .name(&settings.name)
@@ -105,7 +108,7 @@ pub async fn connect(settings: &NatsSettings) -> Result<async_nats::Client, BusE
         .connect(servers)
         .await
         .map_err(|source| BusError::Connect {
-            servers: settings.servers.join(","),
+            servers: settings.servers_for_log(),
             source,
         })
 }

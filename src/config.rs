@@ -273,9 +273,18 @@ impl Settings {
             return Err(invalid("streams.replicas", "must be from 1 to 5"));
         }
         let ages = [
-            ("streams.events_max_age_secs", self.streams.events_max_age_secs),
-            ("streams.dispatch_max_age_secs", self.streams.dispatch_max_age_secs),
-            ("streams.status_max_age_secs", self.streams.status_max_age_secs),
+            (
+                "streams.events_max_age_secs",
+                self.streams.events_max_age_secs,
+            ),
+            (
+                "streams.dispatch_max_age_secs",
+                self.streams.dispatch_max_age_secs,
+            ),
+            (
+                "streams.status_max_age_secs",
+                self.streams.status_max_age_secs,
+            ),
             ("streams.dlq_max_age_secs", self.streams.dlq_max_age_secs),
         ];
         if let Some((key, _)) = ages.into_iter().find(|(_, age)| *age == 0) {
@@ -346,13 +355,19 @@ impl Settings {
             ));
         }
         if !crate::subjects::is_valid_token(&bridge.consumer) {
-            return Err(invalid("bridge.consumer", "must match [A-Za-z0-9_-]{1,128}"));
+            return Err(invalid(
+                "bridge.consumer",
+                "must match [A-Za-z0-9_-]{1,128}",
+            ));
         }
         if bridge.delivery_attempts == 0 {
             return Err(invalid("bridge.delivery_attempts", "must be at least 1"));
         }
         let agentkit = &bridge.agentkit_url;
-        if !agentkit.is_empty() && !agentkit.starts_with("http://") && !agentkit.starts_with("https://") {
+        if !agentkit.is_empty()
+            && !agentkit.starts_with("http://")
+            && !agentkit.starts_with("https://")
+        {
             return Err(invalid(
                 "bridge.agentkit_url",
                 "must start with http:// or https://",
@@ -363,6 +378,15 @@ impl Settings {
 }
 
 impl NatsSettings {
+    /// The server addresses as they may be logged: credentials in a URL are masked.
+    pub fn servers_for_log(&self) -> String {
+        self.servers
+            .iter()
+            .map(|server| redact_url(server))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
     pub fn ping_interval(&self) -> Duration {
         Duration::from_secs(self.ping_interval_secs)
     }
@@ -381,6 +405,17 @@ impl AgentSettings {
 
     pub fn timer_interval(&self) -> Duration {
         Duration::from_millis(self.timer_interval_ms)
+    }
+}
+
+/// `scheme://user:password@host` → `scheme://***@host`; other text is returned unchanged.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.rsplit_once('@') {
+        Some((_, host)) => format!("{scheme}://***@{host}"),
+        None => url.to_owned(),
     }
 }
 
@@ -453,12 +488,28 @@ mod tests {
             ),
             ("OPSCORE__REDIS__URL", "http://x", "redis.url"),
             ("OPSCORE__WORKER__CONSUMER", "a.b", "worker.consumer"),
-            ("OPSCORE__STREAMS__EVENTS_MAX_AGE_SECS", "0", "streams.events_max_age_secs"),
-            ("OPSCORE__WORKFLOWS__RECONCILE_INTERVAL_SECS", "0", "workflows.reconcile_interval_secs"),
-            ("OPSCORE__WORKFLOWS__DIRECTORY", "/nonexistent/dir", "workflows.directory"),
+            (
+                "OPSCORE__STREAMS__EVENTS_MAX_AGE_SECS",
+                "0",
+                "streams.events_max_age_secs",
+            ),
+            (
+                "OPSCORE__WORKFLOWS__RECONCILE_INTERVAL_SECS",
+                "0",
+                "workflows.reconcile_interval_secs",
+            ),
+            (
+                "OPSCORE__WORKFLOWS__DIRECTORY",
+                "/nonexistent/dir",
+                "workflows.directory",
+            ),
             ("OPSCORE__ADMIN__LISTEN", "not-an-address", "admin.listen"),
             ("OPSCORE__BRIDGE__LISTEN", "8080", "bridge.listen"),
-            ("OPSCORE__NATS__SERVERS", "nats://bad host:4222", "nats.servers"),
+            (
+                "OPSCORE__NATS__SERVERS",
+                "nats://bad host:4222",
+                "nats.servers",
+            ),
             (
                 "OPSCORE__AGENTS__HISTORY_LENGTH",
                 "0",
@@ -483,6 +534,14 @@ mod tests {
         let err = Settings::load_with_env(None, env(&[("OPSCORE__NATS__PORT", "1")]))
             .expect_err("unknown key");
         assert!(err.to_string().contains("port"), "{err}");
+    }
+
+    #[test]
+    fn credentials_in_urls_are_masked_for_logs() {
+        assert_eq!(redact_url("nats://u:p@h:4222"), "nats://***@h:4222");
+        assert_eq!(redact_url("nats://token@h:4222"), "nats://***@h:4222");
+        assert_eq!(redact_url("nats://h:4222"), "nats://h:4222");
+        assert_eq!(redact_url("h:4222"), "h:4222");
     }
 
     #[test]

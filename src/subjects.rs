@@ -19,6 +19,10 @@ pub const DLQ_ALL: &str = "opscore.dlq.>";
 /// Prefix of the control API endpoints of the `opscore` micro service.
 pub const API_PREFIX: &str = "opscore.api";
 
+/// A header naming who published an agent's event when it was not the agent itself (the
+/// bridge reporting an undeliverable assignment). Such events do not refresh liveness.
+pub const REPORTED_BY_HEADER: &str = "Opscore-Reported-By";
+
 /// The longest id accepted as a subject token.
 pub const MAX_TOKEN_LEN: usize = 128;
 

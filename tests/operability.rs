@@ -10,7 +10,11 @@ use common::*;
 use serde_json::{Value, json};
 
 async fn get(url: &str) -> (u16, String) {
-    let response = http().get(url).send().await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let response = http()
+        .get(url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
     let status = response.status().as_u16();
     (status, response.text().await.expect("body"))
 }
@@ -26,7 +30,10 @@ async fn wait_for_status(url: &str, status: u16) -> Value {
                 return body;
             }
         }
-        assert!(tokio::time::Instant::now() < deadline, "{url} never answered {status}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{url} never answered {status}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -37,14 +44,22 @@ fn parse_prometheus(text: &str) -> HashMap<String, f64> {
     for line in text.lines().filter(|l| !l.is_empty()) {
         if let Some(comment) = line.strip_prefix('#') {
             let kind = comment.split_whitespace().next();
-            assert!(matches!(kind, Some("HELP" | "TYPE")), "bad comment line {line:?}");
+            assert!(
+                matches!(kind, Some("HELP" | "TYPE")),
+                "bad comment line {line:?}"
+            );
             continue;
         }
-        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad line {line:?}"));
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad line {line:?}"));
         let name_end = series.find('{').unwrap_or(series.len());
         let name = &series[..name_end];
         assert!(
-            !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
             "bad metric name in {line:?}"
         );
         if name_end < series.len() {
@@ -53,7 +68,9 @@ fn parse_prometheus(text: &str) -> HashMap<String, f64> {
         let value: f64 = match value {
             "+Inf" => f64::INFINITY,
             "-Inf" => f64::NEG_INFINITY,
-            other => other.parse().unwrap_or_else(|_| panic!("bad value in {line:?}")),
+            other => other
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value in {line:?}")),
         };
         samples.insert(series.to_owned(), value);
     }
@@ -66,10 +83,16 @@ async fn readiness_follows_redis_and_nats_while_liveness_holds() {
     let mut redis = RedisServer::start();
     let worker = InProcessWorker::start(settings(&nats, Some(&redis), &[]), &nats).await;
     let admin = admin_address(&nats).await;
-    let (readyz, livez) = (format!("http://{admin}/readyz"), format!("http://{admin}/livez"));
+    let (readyz, livez) = (
+        format!("http://{admin}/readyz"),
+        format!("http://{admin}/livez"),
+    );
 
     let ready = wait_for_status(&readyz, 200).await;
-    assert_eq!(ready["checks"], json!({"nats": "ok", "redis": "ok", "streams": "ok"}));
+    assert_eq!(
+        ready["checks"],
+        json!({"nats": "ok", "redis": "ok", "streams": "ok"})
+    );
     assert_eq!(get(&livez).await.0, 200);
 
     redis.kill();
@@ -95,7 +118,10 @@ async fn metrics_parse_as_prometheus_text_and_move_with_events() {
     let worker = InProcessWorker::start(settings(&nats, Some(&redis), &[]), &nats).await;
     let metrics = format!("http://{}/metrics", admin_address(&nats).await);
     let applied = r#"opscore_events_total{outcome="applied"}"#;
-    let before = parse_prometheus(&get(&metrics).await.1).get(applied).copied().unwrap_or(0.0);
+    let before = parse_prometheus(&get(&metrics).await.1)
+        .get(applied)
+        .copied()
+        .unwrap_or(0.0);
 
     let mut status = Watcher::subscribe(&nats, "opscore.status.>").await;
     let agent = AgentClient::new(&nats, "m1").await;
@@ -107,11 +133,27 @@ async fn metrics_parse_as_prometheus_text_and_move_with_events() {
     let (code, text) = get(&metrics).await;
     assert_eq!(code, 200);
     let samples = parse_prometheus(&text);
-    assert!(samples[applied] >= before + 2.0, "two events applied: {text}");
-    assert_eq!(samples.get(r#"opscore_agents{state="busy"}"#), Some(&1.0), "{text}");
-    assert!(samples.contains_key("opscore_handler_duration_seconds_count"), "{text}");
-    assert!(samples.contains_key("opscore_consumer_pending_messages"), "{text}");
-    assert!(text.contains("# TYPE opscore_events_total counter"), "{text}");
+    assert!(
+        samples[applied] >= before + 2.0,
+        "two events applied: {text}"
+    );
+    assert_eq!(
+        samples.get(r#"opscore_agents{state="busy"}"#),
+        Some(&1.0),
+        "{text}"
+    );
+    assert!(
+        samples.contains_key("opscore_handler_duration_seconds_count"),
+        "{text}"
+    );
+    assert!(
+        samples.contains_key("opscore_consumer_pending_messages"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE opscore_events_total counter"),
+        "{text}"
+    );
     worker.stop().await;
 }
 
@@ -121,19 +163,29 @@ async fn a_traced_trigger_carries_its_trace_to_the_dispatch() {
     let redis = RedisServer::start();
     let directory = sample_workflows();
     let worker = InProcessWorker::start(
-        settings(&nats, Some(&redis), &[("OPSCORE__WORKFLOWS__DIRECTORY", &directory)]),
+        settings(
+            &nats,
+            Some(&redis),
+            &[("OPSCORE__WORKFLOWS__DIRECTORY", &directory)],
+        ),
         &nats,
     )
     .await;
     let client = nats.client().await;
-    let mut dispatch = client.subscribe("opscore.dispatch.traced").await.expect("subscribe");
+    let mut dispatch = client
+        .subscribe("opscore.dispatch.traced")
+        .await
+        .expect("subscribe");
     let agent = AgentClient::new(&nats, "traced").await;
     agent.register(&["test_capability"]).await;
     agent.report("idle", &chrono::Utc::now().to_rfc3339()).await;
 
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let mut headers = async_nats::HeaderMap::new();
-    headers.insert("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01").as_str());
+    headers.insert(
+        "traceparent",
+        format!("00-{trace_id}-00f067aa0ba902b7-01").as_str(),
+    );
     let request = json!({"workflowId": "sample_workflow_id"}).to_string();
     client
         .request_with_headers("opscore.api.workflow.trigger", headers, request.into())
@@ -178,7 +230,10 @@ async fn doctor_passes_against_a_running_worker_and_explains_a_wrong_address() {
     .await;
     let printed = String::from_utf8_lossy(&healthy.stdout).into_owned();
     assert!(healthy.status.success(), "{printed}");
-    assert!(printed.contains("ok    consumer opscore-worker"), "{printed}");
+    assert!(
+        printed.contains("ok    consumer opscore-worker"),
+        "{printed}"
+    );
 
     let wrong = doctor(vec![
         ("OPSCORE__NATS__SERVERS", "nats://127.0.0.1:1".to_owned()),

@@ -552,7 +552,7 @@ async fn sessions_list_newest_first_and_track_waiting_and_timers<R: Repository>(
 
     assert_eq!(
         repository.waiting_sessions("x", 10).await.expect("waiting"),
-        [older.session_id.clone()]
+        std::slice::from_ref(&older.session_id)
     );
     let mut leave = session_commit(&older, 1);
     leave.waiting_leave = vec!["x".into()];
@@ -577,7 +577,7 @@ async fn sessions_list_newest_first_and_track_waiting_and_timers<R: Repository>(
             .claim_due_timers(at(10), at(20), 10)
             .await
             .expect("claim"),
-        [timer.clone()]
+        std::slice::from_ref(&timer)
     );
     assert!(
         repository

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 struct Setup {
     nats: NatsServer,
-    _redis: RedisServer,
+    redis: RedisServer,
     worker: InProcessWorker,
     status: Watcher,
 }
@@ -25,7 +25,7 @@ async fn setup(overrides: &[(&str, &str)]) -> Setup {
     let status = Watcher::subscribe(&nats, "opscore.status.>").await;
     Setup {
         nats,
-        _redis: redis,
+        redis,
         worker,
         status,
     }
@@ -571,6 +571,63 @@ async fn a_task_nobody_takes_fails_after_its_queue_timeout() {
         letter["data"]["error"]["message"]
             .as_str()
             .is_some_and(|m| m.contains("nobody"))
+    );
+    s.worker.stop().await;
+}
+
+/// The fleet-wide counters behind the gauges, as Redis holds them.
+async fn counters(redis: &RedisServer) -> std::collections::HashMap<String, i64> {
+    let mut connection = redis.connection().await;
+    redis::cmd("HGETALL")
+        .arg("opscore:counters")
+        .query_async(&mut connection)
+        .await
+        .expect("counters")
+}
+
+#[tokio::test]
+async fn ended_sessions_leave_the_waiting_index_and_the_gauges() {
+    let mut s = setup(&[]).await;
+    let mut definition = workflow("leave", json!([task("t", "nobody", &[])]));
+    definition["tasks"][0]["queueTimeoutSeconds"] = json!(1);
+    let session_id = trigger(&s.nats, json!({"workflowDefinition": definition})).await;
+    session_event(&mut s.status, &session_id, "session.failed").await;
+
+    let mut agent = SimAgent::start(&s.nats, "gauge", &["test_capability"], 1).await;
+    let done = trigger(&s.nats, json!({"workflowId": "sample_workflow_id"})).await;
+    let step = agent.next_assignment().await;
+    agent.complete(&step, json!(1)).await;
+    session_event(&mut s.status, &done, "task.completed").await;
+
+    let mut connection = s.redis.connection().await;
+    let waiting: i64 = redis::cmd("ZCARD")
+        .arg("opscore:waiting:nobody")
+        .query_async(&mut connection)
+        .await
+        .expect("zcard");
+    assert_eq!(waiting, 0, "a failed session waits for nothing");
+    let counters = counters(&s.redis).await;
+    assert_eq!(counters.get("sessions:failed"), Some(&1), "{counters:?}");
+    assert_eq!(
+        counters.get("sessions:running"),
+        Some(&1),
+        "the sample session: {counters:?}"
+    );
+    assert_eq!(
+        counters
+            .get("tasks:pending:no_capable_agent")
+            .copied()
+            .unwrap_or(0),
+        1,
+        "step_2 waits: {counters:?}"
+    );
+    assert_eq!(
+        counters
+            .get("tasks:pending:waiting_on")
+            .copied()
+            .unwrap_or(0),
+        0,
+        "{counters:?}"
     );
     s.worker.stop().await;
 }

@@ -67,7 +67,7 @@ fn entry(message: &StreamMessage) -> Value {
         "task": task,
         "headers": headers,
         "payload": payload,
-        "time": message.time.to_string(),
+        "time": message.time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
     })
 }
 

@@ -301,6 +301,8 @@ impl Deliverer {
         );
         headers.insert("Nats-Msg-Id", msg_id.as_str());
         headers.insert("Content-Type", "application/json");
+        // The report is the bridge's, not a sign of life from the agent.
+        headers.insert(crate::subjects::REPORTED_BY_HEADER, "bridge");
         match self
             .publisher
             .publish(subject, headers, result.to_string().into())

@@ -125,7 +125,7 @@ pub async fn serve(
     let local = listener
         .local_addr()
         .map_or_else(|_| settings.bridge.listen.clone(), |a| a.to_string());
-    info!(listen = %local, servers = %settings.nats.servers.join(","), "bridge is running");
+    info!(listen = %local, servers = %settings.nats.servers_for_log(), "bridge is running");
 
     let delivering = deliverer.map(|(consumer, deliverer)| {
         let grace = settings.worker.shutdown_grace();

@@ -73,20 +73,25 @@ pub(super) async fn doctor(settings: &Settings) -> bool {
 }
 
 async fn nats_checks(settings: &Settings) -> Vec<Check> {
-    let servers = settings.nats.servers.join(",");
+    let servers = settings.nats.servers_for_log();
     let client = match tokio::time::timeout(CHECK_TIMEOUT, bus::connect(&settings.nats)).await {
         Ok(Ok(client)) => client,
         Ok(Err(error)) => {
             return vec![Check::fail(
                 "nats connection",
                 error.to_string(),
-                format!("check nats.servers ({servers}), that nats-server runs there, and the credentials or TLS settings"),
+                format!(
+                    "check nats.servers ({servers}), that nats-server runs there, and the credentials or TLS settings"
+                ),
             )];
         }
         Err(_) => {
             return vec![Check::fail(
                 "nats connection",
-                format!("no answer from {servers} within {}s", CHECK_TIMEOUT.as_secs()),
+                format!(
+                    "no answer from {servers} within {}s",
+                    CHECK_TIMEOUT.as_secs()
+                ),
                 "check nats.servers and that nothing blocks the port",
             )];
         }
@@ -110,7 +115,12 @@ async fn nats_checks(settings: &Settings) -> Vec<Check> {
     let problem = match info {
         Ok(Ok(reply)) => match serde_json::from_slice::<serde_json::Value>(&reply.payload) {
             Ok(body) if body.get("error").is_none() => None,
-            Ok(body) => Some(body["error"]["description"].as_str().unwrap_or("error").to_owned()),
+            Ok(body) => Some(
+                body["error"]["description"]
+                    .as_str()
+                    .unwrap_or("error")
+                    .to_owned(),
+            ),
             Err(error) => Some(format!("unreadable reply: {error}")),
         },
         Ok(Err(error)) => Some(error.to_string()),

@@ -84,10 +84,21 @@ pub(super) async fn session_watch(
     let subject = subjects::session_status(session_id)
         .map_err(|e| CliError::Api(ApiError::bad_request(e.to_string())))?;
     // Fails with 404 for a session that does not exist, rather than waiting forever.
-    api(settings)
+    let session = api(settings)
         .await?
         .call("session", "get", &json!({ "sessionId": session_id }))
         .await?;
+    // An ended session's transitions may have aged out of the stream; its record is the
+    // answer then.
+    let status = session["status"].as_str();
+    if let Some(ending) = ending(status) {
+        println!(
+            "session {session_id} {} at {}",
+            status.unwrap_or("?"),
+            session["endTime"].as_str().unwrap_or("?")
+        );
+        return Ok(ending);
+    }
 
     let unavailable = |e: &dyn std::fmt::Display| CliError::Unavailable(e.to_string());
     let jetstream = async_nats::jetstream::new(connect(settings).await?);

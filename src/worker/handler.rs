@@ -164,8 +164,15 @@ impl<R: Repository> Handler<R> {
                         .sessions
                         .report(agent_id, &task_event, &task_id, Report::Legacy(report))
                         .await;
-                    if let Outcome::Retry(delay) = self.task_outcome(&task_id, result)? {
-                        return Ok(Outcome::Retry(delay));
+                    // The state itself is applied; a task it names that belongs to no session
+                    // only makes the report meaningless for tasks, not undeliverable.
+                    match self.task_outcome(&task_id, result) {
+                        Ok(Outcome::Retry(delay)) => return Ok(Outcome::Retry(delay)),
+                        Ok(_) => {}
+                        Err(rejected) => {
+                            metrics::counter!("opscore_task_reports_rejected_total").increment(1);
+                            debug!(task_id, error = %rejected.message, "legacy report names no task");
+                        }
                     }
                 }
                 outcome
@@ -176,7 +183,11 @@ impl<R: Repository> Handler<R> {
                     .report(agent_id, event_id, &task_id, report)
                     .await;
                 let outcome = self.task_outcome(&task_id, result)?;
-                if outcome != Outcome::Retry(self.options.retry_delay) {
+                let from_agent = delivery
+                    .headers
+                    .as_ref()
+                    .is_none_or(|h| h.get(subjects::REPORTED_BY_HEADER).is_none());
+                if from_agent && outcome != Outcome::Retry(self.options.retry_delay) {
                     // Any report proves the agent alive; a failure here only delays liveness.
                     if let Err(error) = self
                         .agents

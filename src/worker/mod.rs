@@ -138,7 +138,7 @@ pub async fn run_with<R: Repository>(
     bus::ensure_streams(&jetstream, &settings).await?;
     let consumer = bus::events_consumer(&jetstream, &settings).await?;
     info!(
-        servers = %settings.nats.servers.join(","),
+        servers = %settings.nats.servers_for_log(),
         consumer = %settings.worker.consumer,
         "streams and consumer ready"
     );

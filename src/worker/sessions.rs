@@ -369,7 +369,8 @@ impl<R: Repository> Sessions<R> {
             match change.commit(&self.repository, None, None).await? {
                 SessionCommitOutcome::Committed => {
                     crate::faults::crash_point("after_commit");
-                    metrics::counter!("opscore_tasks_dispatched_total").increment(dispatched as u64);
+                    metrics::counter!("opscore_tasks_dispatched_total")
+                        .increment(dispatched as u64);
                     self.publisher.flush(&self.repository, &change.outbox).await;
                     crate::faults::crash_point("after_publish");
                     return Ok((SessionOutcome::Applied, dispatched));

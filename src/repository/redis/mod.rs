@@ -346,13 +346,13 @@ impl AgentRepository for RedisRepository {
                 .map_err(unavailable)?;
             for (id, record) in ids.iter().zip(records) {
                 read += 1;
+                after = Some(id.clone());
                 // An id indexed by a commit whose record was since deleted by hand is skipped.
                 let Some(record) = record else { continue };
                 let agent: Agent = decode(&self.keys.agent(id), &record)?;
                 if filter.matches(&agent) {
                     items.push(agent);
                 }
-                after = Some(id.clone());
                 if items.len() == limit {
                     return Ok(Page {
                         items,

@@ -253,17 +253,19 @@ impl SessionRepository for RedisRepository {
             read += ids.len();
             for session in sessions {
                 let session = session.value;
-                before = Some(session.session_id.clone());
                 if filter.matches(&session) {
+                    let id = session.session_id.clone();
                     items.push(session);
                     if items.len() == limit {
                         return Ok(Page {
                             items,
-                            next_cursor: before,
+                            next_cursor: Some(id),
                         });
                     }
                 }
             }
+            // Past this batch, including ids whose record is gone.
+            before = ids.last().cloned();
             if ids.len() < LIST_BATCH {
                 return Ok(Page {
                     items,
