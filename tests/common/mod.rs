@@ -38,6 +38,8 @@ fn wait_for_port(port: u16, what: &str) {
 pub struct NatsServer {
     pub port: u16,
     store: TempDir,
+    /// A configuration file, when started with one, and the environment it reads.
+    config: Option<(PathBuf, Vec<(String, String)>)>,
     child: Option<Child>,
 }
 
@@ -46,6 +48,37 @@ impl NatsServer {
         let mut server = Self {
             port: free_port(),
             store: TempDir::new().expect("store dir"),
+            config: None,
+            child: None,
+        };
+        server.spawn();
+        server
+    }
+
+    /// Starts with a configuration file and the environment variables it refers to. Its
+    /// monitoring port is dropped, its store moved to a directory of the test, and its
+    /// client port overridden on the command line.
+    pub fn start_with_config(config: &str, env: &[(&str, &str)]) -> Self {
+        let store = TempDir::new().expect("store dir");
+        let path = store.path().join("nats-server.conf");
+        let config: String = config
+            .lines()
+            .filter(|line| !line.trim_start().starts_with("http_port"))
+            .map(|line| match line.trim_start().starts_with("store_dir") {
+                true => format!("  store_dir: {:?}", store.path().join("js")),
+                false => line.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        std::fs::write(&path, config).expect("write config");
+        let env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let mut server = Self {
+            port: free_port(),
+            store,
+            config: Some((path, env)),
             child: None,
         };
         server.spawn();
@@ -53,16 +86,22 @@ impl NatsServer {
     }
 
     fn spawn(&mut self) {
-        let child = Command::new(std::env::var("NATS_SERVER").unwrap_or("nats-server".into()))
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(self.store.path())
+        let mut command =
+            Command::new(std::env::var("NATS_SERVER").unwrap_or("nats-server".into()));
+        let port = self.port.to_string();
+        command.args(["-a", "127.0.0.1", "-p", &port]);
+        match &self.config {
+            Some((path, env)) => {
+                command
+                    .arg("-c")
+                    .arg(path)
+                    .envs(env.iter().map(|(k, v)| (k, v)));
+            }
+            None => {
+                command.args(["-js", "-sd"]).arg(self.store.path());
+            }
+        }
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -288,6 +327,25 @@ impl InProcessWorker {
     }
 }
 
+impl InProcessWorker {
+    /// Like [`InProcessWorker::start`], waiting with a client of the caller's (for servers
+    /// that require authentication).
+    pub async fn start_as(settings: Settings, client: &async_nats::Client) -> Self {
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        let task = tokio::spawn(async move {
+            opscore::worker::run(settings, token)
+                .await
+                .expect("worker runs");
+        });
+        wait_for_ping(client).await;
+        Self {
+            shutdown,
+            task: Some(task),
+        }
+    }
+}
+
 impl Drop for InProcessWorker {
     fn drop(&mut self) {
         self.shutdown.cancel();
@@ -296,7 +354,10 @@ impl Drop for InProcessWorker {
 
 /// Waits until an `opscore` micro service answers `$SRV.PING.opscore`.
 pub async fn wait_until_serving(nats: &NatsServer) {
-    let client = nats.client().await;
+    wait_for_ping(&nats.client().await).await;
+}
+
+async fn wait_for_ping(client: &async_nats::Client) {
     let deadline = Instant::now() + WAIT;
     loop {
         let ping = client.request("$SRV.PING.opscore", "".into());
@@ -380,6 +441,21 @@ impl ChildWorker {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Like [`ChildWorker::wait_until_serving`], as an authenticated user.
+    pub async fn wait_until_serving_as(&mut self, nats: &NatsServer, user: &str, password: &str) {
+        let client =
+            async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+                .connect(nats.url())
+                .await
+                .expect("connect");
+        let serving = tokio::time::timeout(WAIT, wait_for_ping(&client)).await;
+        assert!(
+            serving.is_ok(),
+            "worker did not serve:\n{}",
+            self.log_text()
+        );
     }
 
     /// Waits for the process to exit by itself.
