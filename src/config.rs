@@ -54,6 +54,7 @@ pub struct Settings {
     pub workflows: WorkflowSettings,
     pub admin: AdminSettings,
     pub bridge: BridgeSettings,
+    pub traces: TraceSettings,
     pub log: LogSettings,
 }
 
@@ -157,6 +158,14 @@ pub struct BridgeSettings {
     pub consumer: String,
     pub delivery_attempts: u32,
     pub delivery_initial_delay_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TraceSettings {
+    /// OTLP/HTTP traces endpoint; empty disables export.
+    pub otlp_endpoint: String,
+    pub service_name: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -362,6 +371,16 @@ impl Settings {
         }
         if bridge.delivery_attempts == 0 {
             return Err(invalid("bridge.delivery_attempts", "must be at least 1"));
+        }
+        let otlp = &self.traces.otlp_endpoint;
+        if !otlp.is_empty() && !otlp.starts_with("http://") && !otlp.starts_with("https://") {
+            return Err(invalid(
+                "traces.otlp_endpoint",
+                "must start with http:// or https://",
+            ));
+        }
+        if self.traces.service_name.is_empty() {
+            return Err(invalid("traces.service_name", "must not be empty"));
         }
         let agentkit = &bridge.agentkit_url;
         if !agentkit.is_empty()

@@ -20,8 +20,6 @@ fn main() -> ExitCode {
     if !matches!(cli.command, cli::Command::Run | cli::Command::Bridge) {
         log.level = "warn".to_owned();
     }
-    opscore::telemetry::init(&log, cli.log_format.map(Into::into));
-
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -29,5 +27,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Outside the runtime: the trace exporter runs its blocking HTTP client on a thread of its
+    // own, and such a client must not be created or dropped inside async code.
+    let guard = opscore::telemetry::init(&log, cli.log_format.map(Into::into), &settings.traces);
+    let _guard = match guard {
+        Ok(guard) => guard,
+        Err(error) => {
+            eprintln!("opscore: {error}");
+            return ExitCode::from(cli::EXIT_CONFIG);
+        }
+    };
+
     runtime.block_on(cli::execute(cli.command, settings))
 }

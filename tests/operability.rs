@@ -247,3 +247,74 @@ async fn doctor_passes_against_a_running_worker_and_explains_a_wrong_address() {
     assert!(printed.contains("FAIL  redis"), "{printed}");
     worker.stop().await;
 }
+
+/// A collector that keeps every OTLP/HTTP request body it receives.
+async fn collector() -> (
+    String,
+    tokio::sync::mpsc::UnboundedReceiver<axum::body::Bytes>,
+) {
+    let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let sender = sender.clone();
+            async move {
+                sender.send(body).ok();
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("address");
+    tokio::spawn(async move { axum::serve(listener, app).await.ok() });
+    (format!("http://{address}/v1/traces"), receiver)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_of_a_traced_event_are_exported_in_its_trace() {
+    let nats = NatsServer::start();
+    let redis = RedisServer::start();
+    let (endpoint, mut exported) = collector().await;
+    let mut worker = ChildWorker::spawn(&env_vars(
+        &nats,
+        &redis,
+        &[
+            ("OPSCORE__TRACES__OTLP_ENDPOINT", &endpoint),
+            // The batch exporter's delay, read by the OpenTelemetry SDK.
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    ));
+    worker.wait_until_serving(&nats).await;
+
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        "traceparent",
+        format!("00-{trace_id}-b7ad6b7169203331-01").as_str(),
+    );
+    let body = registration("otel-1", &["x"]).to_string();
+    async_nats::jetstream::new(nats.client().await)
+        .publish_with_headers("opscore.agent.otel-1.register", headers, body.into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+
+    // OTLP/HTTP protobuf carries trace ids as their 16 raw bytes.
+    let wanted: Vec<u8> = (0..16)
+        .map(|i| u8::from_str_radix(&trace_id[2 * i..2 * i + 2], 16).expect("hex"))
+        .collect();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let body = tokio::time::timeout_at(deadline, exported.recv())
+            .await
+            .expect("spans exported in time")
+            .expect("collector running");
+        if body.windows(16).any(|window| window == wanted.as_slice()) {
+            break;
+        }
+    }
+    assert!(worker.terminate().success());
+}

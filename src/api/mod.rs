@@ -20,7 +20,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, warn};
 
 use crate::bus::Publisher;
 use crate::config::Settings;
@@ -200,8 +200,13 @@ impl<R: Repository> ApiState<R> {
             .as_ref()
             .and_then(|headers| headers.get(crate::trace::HEADER))
             .and_then(|value| crate::trace::parse(value.as_str()));
+        let span = tracing::info_span!("request", endpoint);
+        if let Some(traceparent) = traceparent {
+            crate::telemetry::set_remote_parent(&span, traceparent);
+        }
         let result = self
             .route(endpoint, &request.message.payload, traceparent)
+            .instrument(span)
             .await;
         let (payload, headers) = match result {
             Ok(value) => (Bytes::from(value.to_string()), HeaderMap::new()),

@@ -134,7 +134,19 @@ async fn run_lane<R: Repository>(
             stream_seq: info.stream_sequence,
             delivered: u64::try_from(info.delivered).unwrap_or(1),
         };
-        let span = info_span!("message", subject = %delivery.subject, stream_seq = delivery.stream_seq, trace_id = tracing::field::Empty);
+        let span = info_span!(
+            "message",
+            subject = %delivery.subject,
+            stream_seq = delivery.stream_seq,
+            trace_id = tracing::field::Empty,
+        );
+        let traceparent = delivery
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get(crate::trace::HEADER));
+        if let Some(traceparent) = traceparent {
+            crate::telemetry::set_remote_parent(&span, traceparent.as_str());
+        }
         let outcome = handler.handle(&delivery).instrument(span).await;
         debug!(subject = %delivery.subject, stream_seq = delivery.stream_seq, ?outcome, "handled");
         let ack = match outcome {
