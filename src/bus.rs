@@ -199,6 +199,37 @@ pub async fn events_consumer(
         .map_err(|e| error(e.into()))
 }
 
+/// Pause before a pull is set up again after it failed.
+const REPULL_DELAY: Duration = Duration::from_secs(1);
+
+/// Opens the pull stream of a consumer, in batches of `batch`, retrying until it opens; `None`
+/// once `shutdown` is cancelled.
+pub async fn pull_messages(
+    consumer: &consumer::PullConsumer,
+    batch: usize,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Option<consumer::pull::Stream> {
+    loop {
+        let stream = consumer
+            .stream()
+            .max_messages_per_batch(batch)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await;
+        match stream {
+            Ok(messages) => return Some(messages),
+            Err(error) => {
+                warn!(%error, "cannot pull from the consumer; retrying");
+                tokio::select! {
+                    () = shutdown.cancelled() => return None,
+                    () = tokio::time::sleep(REPULL_DELAY) => {}
+                }
+            }
+        }
+    }
+}
+
 /// A message JetStream did not acknowledge.
 #[derive(Debug, thiserror::Error)]
 #[error("publish {subject}: {message}")]

@@ -597,7 +597,13 @@ async fn ended_sessions_leave_the_waiting_index_and_the_gauges() {
     let done = trigger(&s.nats, json!({"workflowId": "sample_workflow_id"})).await;
     let step = agent.next_assignment().await;
     agent.complete(&step, json!(1)).await;
-    session_event(&mut s.status, &done, "task.completed").await;
+    // step_2's placement, which finds no agent, is the last change of the session.
+    let subject = format!("opscore.status.session.{done}");
+    s.status
+        .expect("step_2 waiting for an agent", |sub, body| {
+            sub == subject && body["data"]["reason"]["reason"] == "no_capable_agent"
+        })
+        .await;
 
     let mut connection = s.redis.connection().await;
     let waiting: i64 = redis::cmd("ZCARD")

@@ -23,8 +23,6 @@ const CONCURRENCY: usize = 64;
 /// How long JetStream waits for an acknowledgement before redelivering. A delivery that
 /// retries sends a progress acknowledgement before each attempt.
 const ACK_WAIT: Duration = Duration::from_secs(30);
-/// Pause before the pull is set up again after it failed.
-const REPULL_DELAY: Duration = Duration::from_secs(1);
 
 /// Creates the durable consumer the bridge delivers from, or returns it if it exists.
 pub(crate) async fn ensure(
@@ -93,22 +91,9 @@ async fn pull(
     // rest wait in JetStream rather than in memory.
     let permits = Arc::new(Semaphore::new(CONCURRENCY));
     while !shutdown.is_cancelled() {
-        let stream = consumer
-            .stream()
-            .max_messages_per_batch(CONCURRENCY)
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
-            .await;
-        let mut messages = match stream {
-            Ok(messages) => messages,
-            Err(error) => {
-                warn!(%error, "cannot pull from the dispatch consumer; retrying");
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(REPULL_DELAY) => continue,
-                }
-            }
+        let Some(mut messages) = crate::bus::pull_messages(consumer, CONCURRENCY, shutdown).await
+        else {
+            return;
         };
         loop {
             let permit = tokio::select! {

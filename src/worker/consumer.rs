@@ -17,12 +17,11 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::handler::{Delivery, Handler, Outcome};
 use crate::admin::Loops;
+use crate::bus;
 use crate::repository::Repository;
 
 /// Messages queued per lane before the intake waits for the lane.
 const LANE_CAPACITY: usize = 8;
-/// Pause before the pull is set up again after it ended with an error.
-const REPULL_DELAY: Duration = Duration::from_secs(1);
 
 /// Runs the intake until `shutdown`, then lets the lanes finish what they hold, for at most
 /// `grace`.
@@ -74,22 +73,8 @@ async fn pull(
     shutdown: &CancellationToken,
 ) {
     while !shutdown.is_cancelled() {
-        let stream = consumer
-            .stream()
-            .max_messages_per_batch(lanes.max(16))
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
-            .await;
-        let mut messages = match stream {
-            Ok(messages) => messages,
-            Err(error) => {
-                warn!(%error, "cannot pull from the events consumer; retrying");
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(REPULL_DELAY) => continue,
-                }
-            }
+        let Some(mut messages) = bus::pull_messages(consumer, lanes.max(16), shutdown).await else {
+            return;
         };
         loop {
             let next = tokio::select! {

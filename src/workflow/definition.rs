@@ -16,8 +16,7 @@ mod validate;
 
 pub use validate::{DefinitionError, SettingProblem, SettingsScope};
 
-/// Longest id accepted wherever an id becomes a NATS subject token.
-pub const MAX_TOKEN_LEN: usize = 128;
+pub use crate::subjects::MAX_TOKEN_LEN;
 
 /// Longest duration (timeouts, backoff delays) a definition may ask for: 30 days. The bound
 /// keeps deadline arithmetic far from the limits of `chrono`.
@@ -27,13 +26,8 @@ pub const MAX_DURATION_SECONDS: u64 = 30 * 24 * 3600;
 /// size is bounded.
 pub const MAX_TASKS: usize = 1000;
 
-/// Whether `s` matches `^[A-Za-z0-9_-]{1,128}$`, the shape of every id used in a subject.
-pub(crate) fn is_token(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= MAX_TOKEN_LEN
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-}
+/// Whether `s` can be an id in a subject; the rule lives with the subjects.
+pub(crate) use crate::subjects::is_valid_token as is_token;
 
 /// A workflow as clients define it (`workflow.define`) and sessions snapshot it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

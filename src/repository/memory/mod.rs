@@ -52,6 +52,23 @@ impl MemoryRepository {
     }
 }
 
+/// One page of `records` that pass `keep`, with the id of the last as the cursor when more
+/// remain.
+fn page<'a, T: Clone + 'a>(
+    records: impl Iterator<Item = &'a T>,
+    keep: impl Fn(&T) -> bool,
+    limit: usize,
+    id: impl Fn(&T) -> String,
+) -> Page<T> {
+    let mut matching = records.filter(|record| keep(record));
+    let items: Vec<T> = matching.by_ref().take(limit).cloned().collect();
+    let next_cursor = match matching.next() {
+        Some(_) => items.last().map(&id),
+        None => None,
+    };
+    Page { items, next_cursor }
+}
+
 impl State {
     fn seen_event(&self, agent_id: &str, event_id: &str) -> bool {
         self.events
@@ -163,22 +180,16 @@ impl AgentRepository for MemoryRepository {
 
         let state = self.state();
         let start = cursor.map_or(Unbounded, |c| Excluded(c.to_owned()));
-        let mut items = Vec::new();
-        let mut more = false;
-        for (_, record) in state.agents.range((start, Unbounded)) {
-            if !filter.matches(&record.value) {
-                continue;
-            }
-            if items.len() == limit {
-                more = true;
-                break;
-            }
-            items.push(record.value.clone());
-        }
-        let next_cursor = more
-            .then(|| items.last().map(|agent: &Agent| agent.agent_id.clone()))
-            .flatten();
-        Ok(Page { items, next_cursor })
+        let records = state
+            .agents
+            .range((start, Unbounded))
+            .map(|(_, r)| &r.value);
+        Ok(page(
+            records,
+            |agent| filter.matches(agent),
+            limit,
+            |agent| agent.agent_id.clone(),
+        ))
     }
 
     async fn claim_due_liveness(

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
 
-use super::MemoryRepository;
+use super::{MemoryRepository, page};
 use crate::model::{Agent, Page};
 use crate::repository::sessions::{
     DefineOutcome, SessionCommit, SessionCommitOutcome, SessionFilter, SessionRepository,
@@ -178,22 +178,18 @@ impl SessionRepository for MemoryRepository {
 
         let state = self.state();
         let end = cursor.map_or(Unbounded, |c| Excluded(c.to_owned()));
-        let mut items = Vec::new();
-        let mut more = false;
-        for (_, record) in state.sessions.records.range((Unbounded, end)).rev() {
-            if !filter.matches(&record.value) {
-                continue;
-            }
-            if items.len() == limit {
-                more = true;
-                break;
-            }
-            items.push(record.value.clone());
-        }
-        let next_cursor = more
-            .then(|| items.last().map(|s: &Session| s.session_id.clone()))
-            .flatten();
-        Ok(Page { items, next_cursor })
+        let records = state
+            .sessions
+            .records
+            .range((Unbounded, end))
+            .rev()
+            .map(|(_, r)| &r.value);
+        Ok(page(
+            records,
+            |s| filter.matches(s),
+            limit,
+            |s| s.session_id.clone(),
+        ))
     }
 
     async fn active_sessions(

@@ -178,6 +178,53 @@ impl RedisRepository {
         })
     }
 
+    /// Claims due members of a timer zset and reads their entries from the companion hash.
+    async fn claim_entries<T: serde::de::DeserializeOwned>(
+        &self,
+        due: String,
+        entries: String,
+        now: DateTime<Utc>,
+        claim_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<T>, RepositoryError> {
+        let ids = self.claim(due, now, claim_until, limit).await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut connection = self.connection.clone();
+        let found: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(&entries)
+            .arg(&ids)
+            .query_async(&mut connection)
+            .await
+            .map_err(unavailable)?;
+        found
+            .into_iter()
+            .flatten()
+            .map(|json| decode(&entries, &json))
+            .collect()
+    }
+
+    /// Removes members from a timer zset and their entries from the companion hash.
+    async fn remove_entries(
+        &self,
+        due: String,
+        entries: String,
+        ids: &[String],
+    ) -> Result<(), RepositoryError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut connection = self.connection.clone();
+        redis::pipe()
+            .atomic()
+            .zrem(due, ids)
+            .hdel(entries, ids)
+            .query_async::<()>(&mut connection)
+            .await
+            .map_err(unavailable)
+    }
+
     async fn claim(
         &self,
         key: String,
@@ -393,39 +440,19 @@ impl Outbox for RedisRepository {
         claim_until: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<OutboxMessage>, RepositoryError> {
-        let ids = self
-            .claim(self.keys.outbox_due(), now, claim_until, limit)
-            .await?;
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let key = self.keys.outbox();
-        let mut connection = self.connection.clone();
-        let payloads: Vec<Option<String>> = redis::cmd("HMGET")
-            .arg(&key)
-            .arg(&ids)
-            .query_async(&mut connection)
-            .await
-            .map_err(unavailable)?;
-        payloads
-            .into_iter()
-            .flatten()
-            .map(|payload| decode(&key, &payload))
-            .collect()
+        self.claim_entries(
+            self.keys.outbox_due(),
+            self.keys.outbox(),
+            now,
+            claim_until,
+            limit,
+        )
+        .await
     }
 
     async fn remove_outbox(&self, ids: &[String]) -> Result<(), RepositoryError> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let mut connection = self.connection.clone();
-        redis::pipe()
-            .atomic()
-            .hdel(self.keys.outbox(), ids)
-            .zrem(self.keys.outbox_due(), ids)
-            .query_async::<()>(&mut connection)
+        self.remove_entries(self.keys.outbox_due(), self.keys.outbox(), ids)
             .await
-            .map_err(unavailable)
     }
 }
 

@@ -349,38 +349,18 @@ impl SessionRepository for RedisRepository {
         claim_until: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<Timer>, RepositoryError> {
-        let keys = self
-            .claim(self.keys.timers(), now, claim_until, limit)
-            .await?;
-        if keys.is_empty() {
-            return Ok(Vec::new());
-        }
-        let data_key = self.keys.timer_data();
-        let mut connection = self.connection.clone();
-        let timers: Vec<Option<String>> = redis::cmd("HMGET")
-            .arg(&data_key)
-            .arg(&keys)
-            .query_async(&mut connection)
-            .await
-            .map_err(unavailable)?;
-        timers
-            .into_iter()
-            .flatten()
-            .map(|json| decode(&data_key, &json))
-            .collect()
+        self.claim_entries(
+            self.keys.timers(),
+            self.keys.timer_data(),
+            now,
+            claim_until,
+            limit,
+        )
+        .await
     }
 
     async fn clear_timers(&self, keys: &[String]) -> Result<(), RepositoryError> {
-        if keys.is_empty() {
-            return Ok(());
-        }
-        let mut connection = self.connection.clone();
-        redis::pipe()
-            .atomic()
-            .zrem(self.keys.timers(), keys)
-            .hdel(self.keys.timer_data(), keys)
-            .query_async::<()>(&mut connection)
+        self.remove_entries(self.keys.timers(), self.keys.timer_data(), keys)
             .await
-            .map_err(unavailable)
     }
 }
