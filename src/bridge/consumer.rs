@@ -117,7 +117,12 @@ async fn pull(
                     });
                     while tasks.try_join_next().is_some() {}
                 }
-                Some(Err(error)) => debug!(%error, "pull stream error"),
+                // A missed heartbeat usually means the pull request died with a connection;
+                // a new stream asks again at once instead of waiting for it to expire.
+                Some(Err(error)) => {
+                    debug!(%error, "pull stream error; pulling anew");
+                    break;
+                }
                 None => break,
             }
         }

@@ -2,6 +2,8 @@
 //! killed when its handle drops, and helpers that play agents and monitors.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod proxy;
+
 use std::collections::HashMap;
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;

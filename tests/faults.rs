@@ -1,0 +1,267 @@
+//! Faults injected around a running worker: the network to NATS or Redis goes silent, the
+//! NATS server dies and comes back, a worker among three is killed, a worker is stopped under
+//! load. After each, every event NATS acknowledged is applied exactly once.
+
+mod common;
+
+use std::time::Duration;
+
+use common::proxy::{FaultProxy, Mode};
+use common::*;
+use serde_json::json;
+
+/// How long the network stays silent, as in the issue's scenario.
+const OUTAGE: Duration = Duration::from_secs(15);
+
+async fn get_status(url: &str) -> Option<u16> {
+    http()
+        .get(url)
+        .send()
+        .await
+        .ok()
+        .map(|r| r.status().as_u16())
+}
+
+/// Polls `url` until it answers `status`, within `limit`.
+async fn wait_for_status(url: &str, status: u16, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while get_status(url).await != Some(status) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{url} never answered {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Registers `count` agents and waits until the worker applied each registration.
+async fn register(
+    nats: &NatsServer,
+    status: &mut Watcher,
+    prefix: &str,
+    count: usize,
+) -> Vec<AgentClient> {
+    let mut agents = Vec::new();
+    for i in 0..count {
+        let agent = AgentClient::new(nats, &format!("{prefix}{i}")).await;
+        agent.register(&["x"]).await;
+        agents.push(agent);
+    }
+    for agent in &agents {
+        status.agent_event(&agent.id, "registered").await;
+    }
+    agents
+}
+
+/// Asserts each agent applied exactly `reports` state reports, counting stale ones.
+async fn assert_applied_once(nats: &NatsServer, agents: &[AgentClient], reports: usize) {
+    for agent in agents {
+        let record = api(nats, "agent", "get", json!({"agentId": agent.id}))
+            .await
+            .expect("agent.get");
+        let history = record["history"].as_array().map_or(0, Vec::len);
+        let stale = record["staleEvents"].as_u64().unwrap_or(0) as usize;
+        assert_eq!(history + stale, reports, "{}: {record}", agent.id);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_network_to_nats_is_detected_and_recovered() {
+    let nats = NatsServer::start();
+    let redis = RedisServer::start();
+    let proxy = FaultProxy::start(nats.port).await;
+    let proxied = format!("nats://127.0.0.1:{}", proxy.port);
+    // Messages the server handed to a pull request of the dead connection come back after
+    // the ack wait; a short one keeps the test short.
+    let worker = InProcessWorker::start(
+        settings(
+            &nats,
+            Some(&redis),
+            &[
+                ("OPSCORE__NATS__SERVERS", &proxied),
+                ("OPSCORE__WORKER__ACK_WAIT_SECS", "2"),
+            ],
+        ),
+        &nats,
+    )
+    .await;
+    let readyz = format!("http://{}/readyz", admin_address(&nats).await);
+    let mut status = Watcher::subscribe(&nats, "opscore.status.>").await;
+    let agents = register(&nats, &mut status, "n", 5).await;
+
+    proxy.set(Mode::Blackhole);
+    let silenced = tokio::time::Instant::now();
+    // Two missed pings at one-second intervals reveal the dead link.
+    wait_for_status(&readyz, 503, Duration::from_secs(10)).await;
+    for agent in &agents {
+        agent.report("busy", &ts(1)).await;
+    }
+    tokio::time::sleep_until(silenced + OUTAGE).await;
+    proxy.set(Mode::Pass);
+
+    wait_for_status(&readyz, 200, WAIT).await;
+    for agent in &agents {
+        status.agent_event(&agent.id, "state_changed").await;
+    }
+    wait_until_quiet(&nats).await;
+    assert_applied_once(&nats, &agents, 1).await;
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_network_to_redis_is_detected_and_recovered() {
+    let nats = NatsServer::start();
+    let redis = RedisServer::start();
+    let proxy = FaultProxy::start(redis.port).await;
+    let proxied = format!("redis://127.0.0.1:{}/0", proxy.port);
+    let worker = InProcessWorker::start(
+        settings(&nats, Some(&redis), &[("OPSCORE__REDIS__URL", &proxied)]),
+        &nats,
+    )
+    .await;
+    let readyz = format!("http://{}/readyz", admin_address(&nats).await);
+    let mut status = Watcher::subscribe(&nats, "opscore.status.>").await;
+    let agents = register(&nats, &mut status, "r", 5).await;
+
+    proxy.set(Mode::Blackhole);
+    let silenced = tokio::time::Instant::now();
+    wait_for_status(&readyz, 503, Duration::from_secs(10)).await;
+    for agent in &agents {
+        agent.report("busy", &ts(1)).await;
+    }
+    wait_for_redelivery(&nats).await;
+    tokio::time::sleep_until(silenced + OUTAGE).await;
+    proxy.set(Mode::Pass);
+
+    wait_for_status(&readyz, 200, WAIT).await;
+    for agent in &agents {
+        status.agent_event(&agent.id, "state_changed").await;
+    }
+    wait_until_quiet(&nats).await;
+    assert_applied_once(&nats, &agents, 1).await;
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_killed_and_restarted_with_its_store_loses_no_acknowledged_event() {
+    let mut nats = NatsServer::start();
+    let redis = RedisServer::start();
+    let worker = InProcessWorker::start(settings(&nats, Some(&redis), &[]), &nats).await;
+    let mut status = Watcher::subscribe(&nats, "opscore.status.>").await;
+    let agents = register(&nats, &mut status, "k", 10).await;
+    for agent in &agents {
+        agent.report("busy", &ts(1)).await;
+    }
+
+    nats.kill();
+    nats.restart();
+    // Clients of the old server reconnect; these publishers are new.
+    let mut status = Watcher::subscribe(&nats, "opscore.status.>").await;
+    let mut after = Vec::new();
+    for agent in &agents {
+        let again = AgentClient::new(&nats, &agent.id).await;
+        again.report("idle", &ts(2)).await;
+        after.push(again);
+    }
+    for agent in &after {
+        let event = status.agent_event(&agent.id, "state_changed").await;
+        if event["state"] == "busy" {
+            status.agent_event(&agent.id, "state_changed").await;
+        }
+    }
+    wait_until_quiet(&nats).await;
+    assert_applied_once(&nats, &after, 2).await;
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_of_three_workers_killed_under_load_loses_no_update() {
+    let nats = NatsServer::start();
+    let redis = RedisServer::start();
+    let vars = env_vars(&nats, &redis, &[("OPSCORE__WORKER__ACK_WAIT_SECS", "2")]);
+    let mut workers: Vec<ChildWorker> = (0..3).map(|_| ChildWorker::spawn(&vars)).collect();
+    wait_until_serving(&nats).await;
+    let mut status = Watcher::subscribe(&nats, "opscore.status.>").await;
+    let agents = register(&nats, &mut status, "t", 20).await;
+
+    const REPORTS: i64 = 6;
+    for report in 1..=REPORTS {
+        if report == REPORTS / 2 {
+            workers[1].kill();
+        }
+        for agent in &agents {
+            let state = if report % 2 == 0 { "idle" } else { "busy" };
+            agent.report(state, &ts(report)).await;
+        }
+    }
+    wait_until_quiet(&nats).await;
+    assert_applied_once(&nats, &agents, REPORTS as usize).await;
+    for agent in &agents {
+        let record = api(&nats, "agent", "get", json!({"agentId": agent.id}))
+            .await
+            .expect("get");
+        assert_eq!(record["state"], "idle", "the newest report wins");
+    }
+    drop(workers);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_finishes_in_flight_work_and_loses_nothing() {
+    let nats = NatsServer::start();
+    let redis = RedisServer::start();
+    let vars = env_vars(&nats, &redis, &[]);
+    let mut worker = ChildWorker::spawn(&vars);
+    worker.wait_until_serving(&nats).await;
+    let mut status = Watcher::subscribe(&nats, "opscore.status.>").await;
+    let agents = register(&nats, &mut status, "s", 20).await;
+
+    const REPORTS: i64 = 10;
+    let publishers: Vec<_> = agents
+        .iter()
+        .map(|agent| {
+            let id = agent.id.clone();
+            let url = nats.url();
+            tokio::spawn(async move {
+                let client = async_nats::connect(url).await.expect("connect");
+                let jetstream = async_nats::jetstream::new(client);
+                for report in 1..=REPORTS {
+                    let state = if report % 2 == 0 { "idle" } else { "busy" };
+                    let body = json!({"agentId": id, "state": state, "timestamp": ts(report)});
+                    jetstream
+                        .publish(format!("opscore.agent.{id}.state"), body.to_string().into())
+                        .await
+                        .expect("publish")
+                        .await
+                        .expect("stored");
+                }
+            })
+        })
+        .collect();
+
+    // Stop the worker while the publishers are at work.
+    status
+        .expect("some reports applied", |_, body| {
+            body["data"]["kind"] == "state_changed"
+        })
+        .await;
+    let started = std::time::Instant::now();
+    let exit = worker.terminate();
+    assert!(exit.success(), "{exit:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "exit within the grace period"
+    );
+    assert!(
+        worker.log_text().contains("intake drained"),
+        "{}",
+        worker.log_text()
+    );
+    for publisher in publishers {
+        publisher.await.expect("publisher");
+    }
+
+    let _next = ChildWorker::spawn(&vars);
+    wait_until_serving(&nats).await;
+    wait_until_quiet(&nats).await;
+    assert_applied_once(&nats, &agents, REPORTS as usize).await;
+}
