@@ -265,3 +265,47 @@ async fn sigterm_under_load_finishes_in_flight_work_and_loses_nothing() {
     wait_until_quiet(&nats).await;
     assert_applied_once(&nats, &agents, REPORTS as usize).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_empty_is_detected_and_reported() {
+    let nats = NatsServer::start();
+    let mut redis = RedisServer::start();
+    let worker = InProcessWorker::start(settings(&nats, Some(&redis), &[]), &nats).await;
+    let metrics = format!("http://{}/metrics", admin_address(&nats).await);
+    let mut status = Watcher::subscribe(&nats, "opscore.status.>").await;
+    register(&nats, &mut status, "e", 1).await;
+
+    // Without an append-only file the restarted server is empty.
+    redis.restart();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let text = http()
+            .get(&metrics)
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("body");
+        if text.lines().any(|line| {
+            line.starts_with("opscore_storage_data_loss_total ") && !line.ends_with(" 0")
+        }) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "data loss not reported:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The registry starts again: the agent is unknown until it registers anew.
+    let missing = api(&nats, "agent", "get", json!({"agentId": "e0"}))
+        .await
+        .expect_err("gone");
+    assert_eq!(missing.code, 404);
+    let agent = AgentClient::new(&nats, "e0").await;
+    agent.register(&["x"]).await;
+    status.agent_event("e0", "registered").await;
+    worker.stop().await;
+}

@@ -179,6 +179,14 @@ pub trait Health: Send + Sync + 'static {
     fn counters(
         &self,
     ) -> impl Future<Output = Result<std::collections::HashMap<String, i64>, RepositoryError>> + Send;
+
+    /// The storage's generation: an id written once, when the storage was first used. A
+    /// different answer later means the storage lost its data (an empty restart, a flush) and
+    /// started again. `candidate` becomes the generation when there is none.
+    fn generation(
+        &self,
+        candidate: &str,
+    ) -> impl Future<Output = Result<String, RepositoryError>> + Send;
 }
 
 /// The moves that turn the counts `before` into `after`, leaving out the unchanged.

@@ -20,7 +20,7 @@ pub use self::handler::{Delivery, Handler, HandlerOptions, Outcome};
 pub use self::sessions::{
     Report, SessionOutcome, Sessions, Trigger, TriggerError, Triggered, session_of_task,
 };
-pub use self::timers::{ReconcileReport, TimerReport, reconcile, run_due};
+pub use self::timers::{GenerationWatch, ReconcileReport, TimerReport, reconcile, run_due};
 use crate::admin::{self, Admin, Loops};
 use crate::api;
 use crate::bus::{self, BusError, Publisher};

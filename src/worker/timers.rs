@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::agents::Agents;
 use super::sessions::Sessions;
@@ -116,6 +116,32 @@ pub async fn reconcile<R: Repository>(
     Ok(report)
 }
 
+/// Watches the storage's generation: a change means Redis came back without its data.
+#[derive(Debug, Default)]
+pub struct GenerationWatch {
+    known: Option<String>,
+}
+
+impl GenerationWatch {
+    /// Reads the generation (writing one if there is none) and reports a change as data loss.
+    /// Returns true when data loss was detected by this call.
+    pub async fn check<R: Repository>(&mut self, repository: &R) -> Result<bool, RepositoryError> {
+        let candidate = uuid::Uuid::new_v4().to_string();
+        let current = repository.generation(&candidate).await?;
+        let lost = self.known.as_ref().is_some_and(|known| *known != current);
+        if lost {
+            metrics::counter!("opscore_storage_data_loss_total").increment(1);
+            error!(
+                previous = self.known.as_deref().unwrap_or_default(),
+                current,
+                "storage lost its data: agents, sessions and timers written before are gone; see docs/operations.md"
+            );
+        }
+        self.known = Some(current);
+        Ok(lost)
+    }
+}
+
 pub(crate) async fn run<R: Repository>(
     agents: Agents<R>,
     sessions: Sessions<R>,
@@ -126,10 +152,14 @@ pub(crate) async fn run<R: Repository>(
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
+    let mut generation = GenerationWatch::default();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
+        }
+        if let Err(error) = generation.check(agents.repository()).await {
+            debug!(%error, "generation not checked");
         }
         let result = run_due(&agents, &sessions).await;
         loops.timer_ticked();

@@ -33,6 +33,7 @@ struct State {
     workflows: sessions::Workflows,
     sessions: sessions::Sessions,
     counters: HashMap<String, i64>,
+    generation: Option<String>,
 }
 
 impl MemoryRepository {
@@ -250,6 +251,14 @@ impl Outbox for MemoryRepository {
 impl Health for MemoryRepository {
     async fn ping(&self) -> Result<(), RepositoryError> {
         Ok(())
+    }
+
+    async fn generation(&self, candidate: &str) -> Result<String, RepositoryError> {
+        let mut state = self.state();
+        Ok(state
+            .generation
+            .get_or_insert_with(|| candidate.to_owned())
+            .clone())
     }
 
     async fn counters(&self) -> Result<HashMap<String, i64>, RepositoryError> {

@@ -11,6 +11,7 @@
 //! | `timers:liveness` | zset | agent ids, scored by liveness deadline (ms) |
 //! | `outbox` / `outbox:due` | hash / zset | unpublished messages and when to sweep them |
 //! | `counters` | hash | the counts behind the gauges, moved by every commit |
+//! | `generation` | string | an id written when the storage was first used (data-loss check) |
 //!
 //! and for workflows ([`sessions`]):
 //!
@@ -481,6 +482,24 @@ impl Health for RedisRepository {
             .await
             .map(drop)
             .map_err(unavailable)
+    }
+
+    async fn generation(&self, candidate: &str) -> Result<String, RepositoryError> {
+        let key = format!("{}generation", self.keys.prefix);
+        let mut connection = self.connection.clone();
+        // SET NX then GET in one round trip: whoever writes first names the generation.
+        let (_, generation): (Option<String>, String) = redis::pipe()
+            .atomic()
+            .cmd("SET")
+            .arg(&key)
+            .arg(candidate)
+            .arg("NX")
+            .cmd("GET")
+            .arg(&key)
+            .query_async(&mut connection)
+            .await
+            .map_err(unavailable)?;
+        Ok(generation)
     }
 
     async fn counters(&self) -> Result<std::collections::HashMap<String, i64>, RepositoryError> {
