@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream;
 use async_nats::Subject;
+use async_nats::jetstream;
 use bytes::Bytes;
 use chrono::{DateTime, SecondsFormat, Utc};
 use futures::StreamExt;
@@ -18,7 +18,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::BenchError;
-use super::publish::{self, Pace, Plan, Tally};
+use super::publish::{self, Next, Pace, Plan, Tally};
 use super::stats::{Clock, Gate};
 
 /// Messages a monitor subscription may buffer before the client drops them. Large, because a
@@ -33,6 +33,9 @@ pub(crate) struct SimAgent {
     /// State reports sent so far: their parity picks the next state, their count the next
     /// timestamp, so every report is a transition and none is stale.
     pub(crate) reports: u64,
+    /// The phase event number of the agent's last report, while the harness has not seen it
+    /// applied (its stamp is still set).
+    pub(crate) in_flight: Option<u64>,
 }
 
 /// Agents that publish on one connection; the events of one agent always leave in order.
@@ -97,6 +100,7 @@ impl Pool {
                         state_subject: Subject::from(format!("opscore.agent.{id}.state")),
                         id,
                         reports: 0,
+                        in_flight: None,
                     }
                 })
                 .collect();
@@ -111,10 +115,6 @@ impl Pool {
             clients,
             epoch: Utc::now(),
         })
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.groups.iter().map(|g| g.agents.len()).sum()
     }
 
     /// Runs `work` on every group at once, each on its own task, and puts the groups back.
@@ -132,7 +132,8 @@ impl Pool {
         let mut total = Tally::default();
         while let Some(joined) = tasks.join_next().await {
             // A publisher task only ends by returning; a panic there is a bug worth seeing.
-            let (g, (group, tally)) = joined.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+            let (g, (group, tally)) =
+                joined.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
             total.merge(tally);
             done.push((g, group));
         }
@@ -169,7 +170,7 @@ impl Pool {
                         "maxConcurrentTasks": 1,
                     });
                     let subject = format!("opscore.agent.{}.register", agent.id);
-                    (Subject::from(subject), Bytes::from(body.to_string()))
+                    Next::Send(Subject::from(subject), Bytes::from(body.to_string()))
                 })
                 .await;
                 (group, tally)
@@ -196,7 +197,11 @@ pub(crate) fn state_payload(
     phase: &str,
     n: u64,
 ) -> Bytes {
-    let state = if report % 2 == 0 { "idle" } else { "busy" };
+    let state = if report.is_multiple_of(2) {
+        "idle"
+    } else {
+        "busy"
+    };
     let micros = i64::try_from(report).unwrap_or(i64::MAX);
     let timestamp = (epoch + chrono::Duration::microseconds(micros))
         .to_rfc3339_opts(SecondsFormat::Micros, true);
@@ -209,7 +214,8 @@ pub(crate) fn state_payload(
 #[derive(Debug)]
 pub(crate) struct PhaseRecord {
     pub(crate) name: String,
-    /// Publish time of event `n`, 0 until it is published.
+    /// Publish time of event `n`: 0 until it is published, and 0 again once the watch saw
+    /// it applied (the watch takes the stamp), so a stamp still set means "in flight".
     stamps: Arc<Vec<AtomicU64>>,
     /// Publish-to-applied latency of every matched event, in nanoseconds.
     pub(crate) latencies: Vec<u64>,
@@ -324,8 +330,14 @@ impl AgentWatch {
     }
 
     /// Starts matching state reports marked with phase `name`.
-    pub(crate) fn begin_phase(&self, name: &str, events: usize, gate: Option<Arc<Gate>>) -> Arc<Vec<AtomicU64>> {
-        let stamps: Arc<Vec<AtomicU64>> = Arc::new((0..events).map(|_| AtomicU64::new(0)).collect());
+    pub(crate) fn begin_phase(
+        &self,
+        name: &str,
+        events: usize,
+        gate: Option<Arc<Gate>>,
+    ) -> Arc<Vec<AtomicU64>> {
+        let stamps: Arc<Vec<AtomicU64>> =
+            Arc::new((0..events).map(|_| AtomicU64::new(0)).collect());
         self.state.applied.store(0, Ordering::Release);
         if let Ok(mut phase) = self.state.phase.lock() {
             *phase = Some(PhaseRecord {
@@ -348,7 +360,11 @@ impl AgentWatch {
 
     /// Stops matching and hands over what the phase recorded.
     pub(crate) fn end_phase(&self) -> Option<PhaseRecord> {
-        self.state.phase.lock().ok().and_then(|mut phase| phase.take())
+        self.state
+            .phase
+            .lock()
+            .ok()
+            .and_then(|mut phase| phase.take())
     }
 
     async fn wait(&self, counter: &AtomicU64, target: u64, timeout: Duration) -> Result<u64, u64> {
@@ -405,7 +421,7 @@ impl WatchState {
                 let stamp = marks
                     .n
                     .and_then(|n| phase.stamps.get(usize::try_from(n).ok()?))
-                    .map_or(0, |stamp| stamp.load(Ordering::Acquire));
+                    .map_or(0, |stamp| stamp.swap(0, Ordering::AcqRel));
                 if stamp > 0 {
                     phase.latencies.push(now.saturating_sub(stamp));
                 }

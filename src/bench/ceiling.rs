@@ -10,17 +10,13 @@ use async_nats::jetstream::{self, stream};
 use tracing::debug;
 
 use super::agents::{self, state_payload};
-use super::publish::{self, Pace, Plan, Tally, shares};
+use super::publish::{self, Next, Pace, Plan, Tally};
 use super::report::Ceiling;
-use super::stats::{self, Clock};
+use super::stats;
 use super::{BenchError, Context};
 
-/// Measures the ceiling with `messages` publishes (or fewer if `max_duration` runs out).
-pub(crate) async fn measure(
-    context: &Context,
-    messages: u64,
-    max_duration: Duration,
-) -> Result<Ceiling, BenchError> {
+/// Measures the ceiling by publishing for `--ceiling-secs`.
+pub(crate) async fn measure(context: &Context) -> Result<Ceiling, BenchError> {
     let options = &context.options;
     let run = &context.run_id;
     let name = format!("BENCH_CEILING_{run}");
@@ -37,7 +33,10 @@ pub(crate) async fn measure(
         .await
         .map_err(|e| BenchError::nats("create the ceiling stream", e))?;
 
-    let result = publish_all(context, messages, max_duration).await;
+    // Bounded by time, not by count: the bus is fast enough that a fixed count would be
+    // over in a fraction of a second, too short to be a stable figure.
+    let duration = Duration::from_secs(options.ceiling_secs.max(1));
+    let result = publish_all(context, duration).await;
     if let Err(error) = jetstream.delete_stream(&name).await {
         debug!(%error, "deleting the ceiling stream");
     }
@@ -54,33 +53,34 @@ pub(crate) async fn measure(
     })
 }
 
-async fn publish_all(
-    context: &Context,
-    messages: u64,
-    max_duration: Duration,
-) -> Result<(Tally, usize), BenchError> {
+async fn publish_all(context: &Context, duration: Duration) -> Result<(Tally, usize), BenchError> {
     let options = &context.options;
     let clock = context.clock;
     let run = context.run_id.clone();
-    let deadline = Instant::now() + max_duration;
-    // Ids as long as the ingest agents' ids, so payloads have the same size.
+    let deadline = Instant::now() + duration;
+    // More than any connection can publish before the deadline.
+    let per_connection = u64::from(u32::MAX);
+    // Ids as long as the ingest agents' ids and marks as long as the ingest phases' marks,
+    // so payloads have the size of an ingest state report.
     let agent_prefix = format!("b{run}-in-");
+    let agents = options.agents.max(1) as u64;
     let epoch = chrono::Utc::now();
-    let sample = state_payload(
-        &format!("{agent_prefix}0"),
-        0,
-        epoch,
-        &run,
-        "ceiling",
-        messages,
-    );
+    let size = |n: u64| {
+        state_payload(
+            &format!("{agent_prefix}{}", n % agents),
+            n / agents,
+            epoch,
+            &run,
+            "ceil",
+            n % options.events.max(1),
+        )
+        .len()
+    };
 
     let mut clients = Vec::new();
     let mut tasks = tokio::task::JoinSet::new();
-    let parts = shares(messages, options.connections);
-    let agents = options.agents.max(1) as u64;
-    let mut offset = 0;
-    for (c, count) in parts.into_iter().enumerate() {
+    let connections = options.connections.max(1) as u64;
+    for c in 0..connections {
         let client = agents::connect(
             &context.nats_url,
             &format!("opscore-bench ceiling {c}"),
@@ -95,15 +95,15 @@ async fn publish_all(
             deadline,
             gate: None,
         };
-        let (run, prefix, start) = (run.clone(), agent_prefix.clone(), offset);
-        offset += count;
+        let (run, prefix, events) = (run.clone(), agent_prefix.clone(), options.events.max(1));
         tasks.spawn(async move {
-            publish::publish(&jetstream, count, &plan, clock, |i, _| {
-                let n = start + i;
+            publish::publish(&jetstream, per_connection, &plan, clock, |i, _| {
+                // Numbered as the ingest publisher numbers its events, wrapping at --events.
+                let n = i * connections + c;
                 let agent = format!("{prefix}{}", n % agents);
                 let subject = Subject::from(format!("bench.ceiling.{run}.{agent}.state"));
-                let payload = state_payload(&agent, n / agents, epoch, &run, "ceiling", n);
-                (subject, payload)
+                let payload = state_payload(&agent, n / agents, epoch, &run, "ceil", n % events);
+                Next::Send(subject, payload)
             })
             .await
         });
@@ -118,5 +118,6 @@ async fn publish_all(
     for client in clients {
         let _ = client.drain().await;
     }
-    Ok((total, sample.len()))
+    // The size of a typical message: one from the middle of an ingest phase.
+    Ok((total, size(options.events / 2)))
 }

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use tracing::debug;
 
-use super::probe::{self, CpuWindow, Histogram, RssSampler};
+use super::metrics::{self, Metrics};
+use super::probe::{CpuWindow, RssSampler};
 use super::report::Observed;
 use super::workers::{self, WorkerSet};
 use super::{BenchError, Context};
@@ -78,8 +79,7 @@ impl Deployment {
         let pids = self.pids();
         Observation {
             started: Instant::now(),
-            handler: probe::scrape(&self.admin, probe::HANDLER).await,
-            dispatch: probe::scrape(&self.admin, probe::DISPATCH).await,
+            metrics: metrics::scrape(&self.admin).await,
             cpu: CpuWindow::start(&self.processes(context)),
             rss: (!pids.is_empty()).then(|| RssSampler::start(pids)),
         }
@@ -88,34 +88,46 @@ impl Deployment {
     /// Waits until the events consumer of spawned workers has nothing pending or
     /// unacknowledged, so the next scenario starts from a quiet bus.
     pub(crate) async fn wait_quiet(&self, context: &Context) -> Result<(), BenchError> {
-        let Some(spawn) = &context.spawn else {
-            return Ok(());
-        };
-        let jetstream = jetstream::new(context.control.clone());
         let deadline = Instant::now() + QUIET_TIMEOUT;
         loop {
-            let mut consumer: jetstream::consumer::PullConsumer = jetstream
-                .get_consumer_from_stream(spawn.consumer(), bus::EVENTS_STREAM)
-                .await
-                .map_err(|e| BenchError::nats("read the events consumer", e))?;
-            let info = consumer
-                .info()
-                .await
-                .map_err(|e| BenchError::nats("read the events consumer", e))?;
-            if info.num_pending == 0 && info.num_ack_pending == 0 {
+            let Some((pending, unacknowledged)) = self.backlog(context).await? else {
+                return Ok(());
+            };
+            if pending == 0 && unacknowledged == 0 {
                 return Ok(());
             }
             if Instant::now() > deadline {
                 return Err(BenchError::Timeout {
                     what: format!(
-                        "events consumer still holds {} pending and {} unacknowledged",
-                        info.num_pending, info.num_ack_pending
+                        "events consumer still holds {pending} pending and {unacknowledged} \
+                         unacknowledged"
                     ),
                     seconds: QUIET_TIMEOUT.as_secs(),
                 });
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Messages of spawned workers' events consumer not yet delivered and not yet
+    /// acknowledged; `None` for an external worker, whose consumer the harness does not know.
+    pub(crate) async fn backlog(
+        &self,
+        context: &Context,
+    ) -> Result<Option<(u64, usize)>, BenchError> {
+        let Some(spawn) = &context.spawn else {
+            return Ok(None);
+        };
+        let jetstream = jetstream::new(context.control.clone());
+        let mut consumer: jetstream::consumer::PullConsumer = jetstream
+            .get_consumer_from_stream(spawn.consumer(), bus::EVENTS_STREAM)
+            .await
+            .map_err(|e| BenchError::nats("read the events consumer", e))?;
+        let info = consumer
+            .info()
+            .await
+            .map_err(|e| BenchError::nats("read the events consumer", e))?;
+        Ok(Some((info.num_pending, info.num_ack_pending)))
     }
 
     /// Stops spawned workers; an external worker is left running.
@@ -130,8 +142,7 @@ impl Deployment {
 #[derive(Debug)]
 pub(crate) struct Observation {
     started: Instant,
-    handler: Option<Histogram>,
-    dispatch: Option<Histogram>,
+    metrics: Option<Metrics>,
     cpu: CpuWindow,
     rss: Option<RssSampler>,
 }
@@ -142,19 +153,19 @@ impl Observation {
         let seconds = self.started.elapsed().as_secs_f64();
         let cpu = self.cpu.finish();
         let worker_rss_peak_mib = self.rss.map(|rss| rss.finish() as f64 / 1024.0);
-        let delta = |before: Option<Histogram>, after: Option<Histogram>, metric: &str| {
-            Some(after?.delta(&before?, metric, seconds))
-        };
-        let handler_after = probe::scrape(&deployment.admin, probe::HANDLER).await;
-        let dispatch_after = probe::scrape(&deployment.admin, probe::DISPATCH).await;
-        if handler_after.is_none() {
+        let after = metrics::scrape(&deployment.admin).await;
+        if after.is_none() {
             debug!("no worker metrics: the admin port is off or unreachable");
         }
+        let delta = match (self.metrics, after) {
+            (Some(before), Some(after)) => after.delta(&before, seconds),
+            _ => Default::default(),
+        };
         Observed {
             worker_rss_peak_mib,
-            handler: delta(self.handler, handler_after, probe::HANDLER),
-            worker_dispatch: delta(self.dispatch, dispatch_after, probe::DISPATCH)
-                .filter(|d| d.count > 0),
+            handler: delta.handler,
+            worker_dispatch: delta.dispatch,
+            worker_counters: delta.counters,
             cpu: Some(cpu),
         }
     }

@@ -12,6 +12,7 @@ mod agents;
 mod ceiling;
 mod deployment;
 mod ingest;
+pub mod metrics;
 pub mod probe;
 mod publish;
 mod registry;
@@ -66,6 +67,10 @@ pub struct Options {
     /// without it, a worker must already serve on the NATS server.
     #[arg(long, value_name = "PATH_TO_OPSCORE")]
     pub spawn_worker: Option<PathBuf>,
+    /// `RUST_LOG` of spawned workers; with anything but `warn` their logs are kept and
+    /// their directory printed, for diagnosis.
+    #[arg(long, default_value = "warn")]
+    pub worker_log: String,
     /// Worker processes to spawn for the ingest, workflow and registry scenarios.
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
@@ -75,14 +80,17 @@ pub struct Options {
     /// Publishes in flight without an acknowledgement, per connection.
     #[arg(long, default_value_t = 256)]
     pub window: usize,
+    /// How long the JetStream ceiling is measured, in seconds, before each scenario.
+    #[arg(long, default_value_t = 5)]
+    pub ceiling_secs: u64,
     /// Ingest: agents reporting states.
     #[arg(long, default_value_t = 1000)]
     pub agents: usize,
-    /// Ingest: state events of the saturation phase (and messages of the ceiling).
+    /// Ingest: state events of the saturation phase.
     #[arg(long, default_value_t = 50_000)]
     pub events: u64,
     /// Ingest, saturation: events published but not yet seen applied, at most.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 1000)]
     pub backlog: u64,
     /// Ingest: offered rate of the fixed-rate phase, events per second.
     #[arg(long, default_value_t = 5000.0)]
@@ -106,7 +114,7 @@ pub struct Options {
     #[arg(long, default_value_t = 2000)]
     pub sessions: u64,
     /// Workflow, saturation: sessions running at once, at most.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 100)]
     pub concurrency: u64,
     /// Workflow: offered rate of the fixed-rate phase, tasks per second (sessions alternate
     /// a 3-task chain and a 5-task fan-out/fan-in, 4 tasks on average).
@@ -203,6 +211,7 @@ pub async fn run(options: Options) -> Result<Report, BenchError> {
     if let Some(binary) = &options.spawn_worker {
         workers::check_binary(binary)?;
     }
+    let keep_logs = options.worker_log != "warn";
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     let dir = workers::run_dir(&run_id)?;
 
@@ -215,9 +224,11 @@ pub async fn run(options: Options) -> Result<Report, BenchError> {
     if let Some(servers) = servers {
         servers.stop().await;
     }
-    if result.is_ok() {
-        // Worker logs are kept only when something went wrong.
+    if result.is_ok() && !keep_logs {
+        // Worker logs are kept only when something went wrong or when asked for.
         let _ = std::fs::remove_dir_all(&dir);
+    } else {
+        info!(directory = %dir.display(), "worker logs kept");
     }
     result
 }
@@ -240,6 +251,7 @@ async fn run_with(
         redis_url,
         run_id: run_id.clone(),
         log_dir: dir.to_owned(),
+        log_level: options.worker_log.clone(),
     });
     if let Some(spawn) = &spawn {
         spawn.prepare(&control).await?;

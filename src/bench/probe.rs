@@ -1,13 +1,11 @@
-//! What the harness reads besides the bus: process memory and CPU time from `/proc`, facts
-//! about the machine, and the worker's own histograms from its admin port's `/metrics`.
+//! What the harness reads of the processes: memory and CPU time from `/proc`, and facts
+//! about the machine.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 /// How often the resident set of watched processes is sampled.
@@ -201,157 +199,9 @@ impl Machine {
     }
 }
 
-/// One Prometheus histogram, summed over every worker that exposes it.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub(crate) struct Histogram {
-    /// Cumulative counts by upper bound in seconds, ascending; `+Inf` is the total count.
-    buckets: BTreeMap<u64, u64>,
-    sum: f64,
-    count: u64,
-}
-
-/// A histogram's change over a window, as the worker measured it.
-#[derive(Debug, Clone, Serialize)]
-pub struct HistogramDelta {
-    pub metric: String,
-    pub count: u64,
-    pub mean_ms: f64,
-    /// Upper bound of the bucket holding the median: the median is at most this.
-    pub p50_at_most_ms: Option<f64>,
-    pub p99_at_most_ms: Option<f64>,
-    /// The sum of observed durations divided by the window: how many were in progress on
-    /// average (for the handler, how many lanes were busy).
-    pub busy_average: f64,
-}
-
-/// Bucket bounds are kept as integer nanoseconds so they can key an ordered map.
-fn bound_key(le: &str) -> Option<u64> {
-    if le == "+Inf" {
-        return Some(u64::MAX);
-    }
-    le.parse::<f64>().ok().map(|s| (s * 1e9).round() as u64)
-}
-
-impl Histogram {
-    fn add_line(&mut self, line: &str, metric: &str) {
-        let Some(rest) = line.strip_prefix(metric) else {
-            return;
-        };
-        let Some(value) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else {
-            return;
-        };
-        if let Some(labels) = rest.strip_prefix("_bucket{") {
-            let le = labels
-                .split("le=\"")
-                .nth(1)
-                .and_then(|v| v.split('"').next());
-            if let Some(key) = le.and_then(bound_key) {
-                *self.buckets.entry(key).or_default() += value as u64;
-            }
-        } else if rest.starts_with("_sum") {
-            self.sum += value;
-        } else if rest.starts_with("_count") {
-            self.count += value as u64;
-        }
-    }
-
-    /// What changed since `before`, over a window of `seconds`.
-    pub(crate) fn delta(&self, before: &Self, metric: &str, seconds: f64) -> HistogramDelta {
-        let count = self.count.saturating_sub(before.count);
-        let sum = (self.sum - before.sum).max(0.0);
-        let at_most = |q: f64| {
-            let wanted = (q * count as f64).ceil() as u64;
-            self.buckets
-                .iter()
-                .map(|(le, n)| (*le, n.saturating_sub(*before.buckets.get(le).unwrap_or(&0))))
-                .find(|(_, n)| count > 0 && *n >= wanted)
-                .and_then(|(le, _)| (le != u64::MAX).then_some(le as f64 / 1e6))
-        };
-        HistogramDelta {
-            metric: metric.to_owned(),
-            count,
-            mean_ms: if count == 0 {
-                0.0
-            } else {
-                sum / count as f64 * 1e3
-            },
-            p50_at_most_ms: at_most(0.50),
-            p99_at_most_ms: at_most(0.99),
-            busy_average: if seconds > 0.0 { sum / seconds } else { 0.0 },
-        }
-    }
-}
-
-/// The worker histograms the report shows beside the harness's own measurements.
-pub(crate) const HANDLER: &str = "opscore_handler_duration_seconds";
-pub(crate) const DISPATCH: &str = "opscore_dispatch_latency_seconds";
-
-/// Reads `metric` from every admin address and sums it; `None` if no worker answered.
-pub(crate) async fn scrape(addresses: &[String], metric: &str) -> Option<Histogram> {
-    let mut total = Histogram::default();
-    let mut answered = false;
-    for address in addresses {
-        let Some(text) = http_get(address, "/metrics").await else {
-            continue;
-        };
-        answered = true;
-        for line in text.lines().filter(|l| !l.starts_with('#')) {
-            total.add_line(line, metric);
-        }
-    }
-    answered.then_some(total)
-}
-
-/// A minimal HTTP/1.0 GET: the admin port is plain HTTP on loopback, and this keeps the
-/// harness free of TLS set-up for one request per window.
-async fn http_get(address: &str, path: &str) -> Option<String> {
-    let fetch = async {
-        let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
-        let request = format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.ok()?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await.ok()?;
-        let text = String::from_utf8(response).ok()?;
-        let (head, body) = text.split_once("\r\n\r\n")?;
-        head.starts_with("HTTP/1.1 200")
-            .then(|| body.to_owned())
-            .or_else(|| head.starts_with("HTTP/1.0 200").then(|| body.to_owned()))
-    };
-    tokio::time::timeout(Duration::from_secs(5), fetch)
-        .await
-        .ok()
-        .flatten()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn histogram_deltas_bound_the_percentiles_by_bucket() {
-        let text = |fast: u64, slow: u64| {
-            format!(
-                "m_bucket{{le=\"0.001\"}} {fast}\nm_bucket{{le=\"0.01\"}} {}\n\
-                 m_bucket{{le=\"+Inf\"}} {}\nm_sum {}\nm_count {}\n",
-                fast + slow,
-                fast + slow,
-                fast as f64 * 0.0005 + slow as f64 * 0.005,
-                fast + slow
-            )
-        };
-        let parse = |t: String| {
-            let mut h = Histogram::default();
-            t.lines().for_each(|l| h.add_line(l, "m"));
-            h
-        };
-        let before = parse(text(10, 0));
-        let after = parse(text(108, 2));
-        let delta = after.delta(&before, "m", 1.0);
-        assert_eq!(delta.count, 100);
-        assert_eq!(delta.p50_at_most_ms, Some(1.0));
-        assert_eq!(delta.p99_at_most_ms, Some(10.0));
-        assert!((delta.mean_ms - 0.59).abs() < 1e-9);
-    }
 
     #[test]
     fn the_own_process_has_cpu_and_memory_figures() {

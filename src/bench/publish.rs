@@ -20,6 +20,17 @@ use super::stats::{Clock, Gate};
 /// offered load does not drift when a tick comes late.
 const TICK: Duration = Duration::from_millis(1);
 
+/// How long a publisher waits before asking again for a message that was not ready.
+const NOT_YET_WAIT: Duration = Duration::from_millis(5);
+
+/// What the message source has for the publisher.
+#[derive(Debug)]
+pub(crate) enum Next {
+    Send(Subject, Bytes),
+    /// The next message may not leave yet (its agent still has one in flight).
+    NotYet,
+}
+
 /// How fast to publish.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) enum Pace {
@@ -69,7 +80,8 @@ impl Tally {
 /// Publishes `count` messages made by `next(i, now_ns)` on `jetstream`, following `plan`.
 ///
 /// `next` is called just before each publish with the clock time, so a caller can stamp the
-/// message (the time travels in the payload or is kept by index) at the moment it leaves.
+/// message (the time travels in the payload or is kept by index) at the moment it leaves. It
+/// may answer [`Next::NotYet`]; it is then asked again for the same message a little later.
 pub(crate) async fn publish<F>(
     jetstream: &jetstream::Context,
     count: u64,
@@ -78,7 +90,7 @@ pub(crate) async fn publish<F>(
     mut next: F,
 ) -> Tally
 where
-    F: FnMut(u64, u64) -> (Subject, Bytes),
+    F: FnMut(u64, u64) -> Next,
 {
     let mut tally = Tally::default();
     let mut acks = FuturesUnordered::new();
@@ -104,11 +116,23 @@ where
             while acks.len() >= plan.window {
                 settle(&mut tally, acks.next().await, plan, clock);
             }
-            let now = clock.now_ns();
-            if tally.first_ns == 0 {
-                tally.first_ns = now;
-            }
-            let (subject, payload) = next(i, now);
+            let (subject, payload) = loop {
+                let now = clock.now_ns();
+                if let Next::Send(subject, payload) = next(i, now) {
+                    if tally.first_ns == 0 {
+                        tally.first_ns = now;
+                    }
+                    break (subject, payload);
+                }
+                if Instant::now() >= plan.deadline {
+                    break 'phase;
+                }
+                // Woken by the next completion, or soon after in any case.
+                match &plan.gate {
+                    Some(gate) => gate.changed(NOT_YET_WAIT).await,
+                    None => tokio::time::sleep(NOT_YET_WAIT).await,
+                }
+            };
             i += 1;
             match jetstream.publish(subject, payload).await {
                 Ok(ack) => {

@@ -83,7 +83,10 @@ async fn size(context: &Context, n: usize, agents: usize) -> Result<RegistrySize
             .await;
         workflows.close().await;
         deployment.wait_quiet(context).await?;
-        let hwm: Vec<u64> = pids.iter().filter_map(|pid| probe::peak_rss_kib(*pid)).collect();
+        let hwm: Vec<u64> = pids
+            .iter()
+            .filter_map(|pid| probe::peak_rss_kib(*pid))
+            .collect();
         Ok(RegistrySize {
             agents,
             registered,

@@ -1,12 +1,14 @@
 //! Every figure of a run: the structures serialised as the `--json` line, and the table
 //! printed for people.
 
+use std::collections::BTreeMap;
 use std::fmt::{self, Display, Formatter};
 
 use serde::Serialize;
 
 use super::Options;
-use super::probe::{CpuUse, HistogramDelta, Machine};
+use super::metrics::HistogramDelta;
+use super::probe::{CpuUse, Machine};
 use super::stats::Percentiles;
 
 /// A whole run.
@@ -56,6 +58,8 @@ pub struct Observed {
     pub handler: Option<HistogramDelta>,
     /// The worker's own dispatch histogram (`opscore_dispatch_latency_seconds`).
     pub worker_dispatch: Option<HistogramDelta>,
+    /// Worker counters that moved during the phase (retries, reconciler repairs, ...).
+    pub worker_counters: BTreeMap<String, f64>,
     pub cpu: Option<CpuUse>,
 }
 
@@ -70,6 +74,11 @@ pub struct IngestPhase {
     pub publish_failed: u64,
     /// State changes seen on the status stream.
     pub applied: u64,
+    /// How the end was recognised: `all seen applied`, `consumer quiet` or `timed out`.
+    pub settled: String,
+    /// Events the worker counted handled, any outcome (from its metrics, when readable).
+    pub handled: Option<u64>,
+    pub handled_per_second: Option<f64>,
     /// First publish to last applied event.
     pub seconds: f64,
     pub applied_per_second: f64,
@@ -180,7 +189,7 @@ fn thousands(value: f64) -> String {
     let digits = whole.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -224,6 +233,14 @@ impl Display for Observed {
                 ),
                 None,
             )?;
+        }
+        if !self.worker_counters.is_empty() {
+            let moved: Vec<String> = self
+                .worker_counters
+                .iter()
+                .map(|(series, n)| format!("{} {n}", series.trim_start_matches("opscore_")))
+                .collect();
+            row(f, "    worker counters", &moved.join(", "), None)?;
         }
         if let Some(cpu) = &self.cpu {
             let parts: Vec<String> = cpu
@@ -278,6 +295,19 @@ impl Display for IngestPhase {
             &percentiles(self.latency.as_ref()),
             None,
         )?;
+        if self.applied != self.published {
+            row(
+                f,
+                "  end recognised by",
+                &format!(
+                    "{}; worker handled {} ({}/s)",
+                    self.settled,
+                    self.handled.map_or("-".to_owned(), |h| h.to_string()),
+                    self.handled_per_second.map_or("-".to_owned(), thousands)
+                ),
+                None,
+            )?;
+        }
         if self.publish_failed > 0 || self.monitor_dropped > 0 {
             row(
                 f,
@@ -376,15 +406,11 @@ impl Display for Report {
             m.nats_server_version
         )?;
         writeln!(f, "servers: {}, worker: {}", self.servers, self.worker)?;
-        writeln!(f, "  {:<40} {:<44} {}", "figure", "value", "/ceiling")?;
+        writeln!(f, "  {:<40} {:<44} /ceiling", "figure", "value")?;
         for scenario in &self.scenarios {
             match scenario {
                 ScenarioReport::Ingest(r) => {
-                    writeln!(
-                        f,
-                        "== ingest: {} agents, {} worker(s)",
-                        r.agents, r.workers
-                    )?;
+                    writeln!(f, "== ingest: {} agents, {} worker(s)", r.agents, r.workers)?;
                     write!(f, "{}{}{}", r.ceiling, r.saturation, r.offered)?;
                 }
                 ScenarioReport::Workflow(r) => {

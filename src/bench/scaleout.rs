@@ -1,8 +1,6 @@
 //! Scenario 4, scale-out: the saturation phases of ingest and workflow against one worker
 //! process, then against two sharing the consumer and the Redis keys.
 
-use std::time::Duration;
-
 use super::ceiling;
 use super::deployment::Deployment;
 use super::ingest::Ingest;
@@ -15,9 +13,7 @@ const STEPS: [usize; 2] = [1, 2];
 
 /// Runs both steps; needs `--spawn-worker`.
 pub(crate) async fn run(context: &Context) -> Result<ScaleoutReport, BenchError> {
-    let options = &context.options;
-    let max = Duration::from_secs(options.max_phase_secs);
-    let ceiling = ceiling::measure(context, options.events, max).await?;
+    let ceiling = ceiling::measure(context).await?;
     let mut steps = Vec::new();
     for workers in STEPS {
         let label = format!("scaleout-{workers}");

@@ -56,8 +56,15 @@ impl Servers {
 
         let nats_port = free_port()?;
         let mut nats = Command::new("nats-server");
-        nats.args(["-a", "127.0.0.1", "-p", &nats_port.to_string(), "-js", "-sd"])
-            .arg(&store);
+        nats.args([
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &nats_port.to_string(),
+            "-js",
+            "-sd",
+        ])
+        .arg(&store);
         let nats = spawn("nats-server", nats, nats_port).await?;
 
         let redis_port = free_port()?;
@@ -76,8 +83,7 @@ impl Servers {
         };
         info!(
             nats_port,
-            redis_port,
-            "private nats-server and redis-server started"
+            redis_port, "private nats-server and redis-server started"
         );
         Ok(Self {
             nats,
@@ -137,7 +143,9 @@ async fn spawn(
         }
         if Instant::now() > deadline {
             server.stop().await;
-            return Err(BenchError::Setup(format!("{name} did not open port {port}")));
+            return Err(BenchError::Setup(format!(
+                "{name} did not open port {port}"
+            )));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -134,6 +134,11 @@ impl Gate {
         }
     }
 
+    /// Waits for the next completion, at most `timeout`.
+    pub async fn changed(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.notify.notified()).await;
+    }
+
     /// Records `count` completions and wakes waiting producers.
     pub fn complete(&self, count: u64) {
         self.completed.fetch_add(count, Ordering::AcqRel);

@@ -129,11 +129,8 @@ impl TaskAgents {
                     .await
                     .map_err(|e| BenchError::nats(format!("publish {kind} of {id}"), e))?;
             }
-            let (recorder, stop, clock) = (
-                agents.recorder.clone(),
-                agents.stop.clone(),
-                context.clock,
-            );
+            let (recorder, stop, clock) =
+                (agents.recorder.clone(), agents.stop.clone(), context.clock);
             agents
                 .tasks
                 .spawn(serve(id, jetstream, dispatch, clock, recorder, stop));

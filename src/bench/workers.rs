@@ -32,6 +32,8 @@ pub(crate) struct SpawnConfig {
     pub(crate) run_id: String,
     /// Where each worker's log goes (`<label>-<n>.log`).
     pub(crate) log_dir: PathBuf,
+    /// The workers' `RUST_LOG`.
+    pub(crate) log_level: String,
 }
 
 impl SpawnConfig {
@@ -136,7 +138,7 @@ impl WorkerSet {
             let child = Command::new(&config.binary)
                 .arg("run")
                 .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-                .env("RUST_LOG", "warn")
+                .env("RUST_LOG", &config.log_level)
                 .stdout(Stdio::null())
                 .stderr(file)
                 .kill_on_drop(true)

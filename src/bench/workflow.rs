@@ -34,8 +34,7 @@ pub(crate) async fn run(context: &Context) -> Result<WorkflowReport, BenchError>
     let options = &context.options;
     let deployment = Deployment::start(context, options.workers, "workflow", &[]).await?;
     let result = async {
-        let max = Duration::from_secs(options.max_phase_secs);
-        let ceiling = ceiling::measure(context, options.events, max).await?;
+        let ceiling = ceiling::measure(context).await?;
         let workflows = Workflows::prepare(context, "wf").await?;
         let saturation = workflows
             .saturation(context, &deployment, Some(&ceiling))
@@ -163,7 +162,12 @@ impl Workflows {
         let progress = self.watch.take(&ids);
 
         let mut figures = WorkflowPhase {
-            mode: if plan.gate.is_some() { "saturation" } else { "offered" }.to_owned(),
+            mode: if plan.gate.is_some() {
+                "saturation"
+            } else {
+                "offered"
+            }
+            .to_owned(),
             offered_tasks_per_second: match plan.pace {
                 Pace::Rate(_) => Some(context.options.task_rate),
                 Pace::FlatOut => None,
@@ -180,20 +184,22 @@ impl Workflows {
             ceiling_ratio: None,
             dispatch: Percentiles::from_nanos(self.agents.take_dispatch(plan.name)),
             session_duration: None,
-            trigger: Percentiles::from_nanos(triggered.iter().map(|t| t.replied - t.sent).collect()),
+            trigger: Percentiles::from_nanos(
+                triggered.iter().map(|t| t.replied - t.sent).collect(),
+            ),
             observed,
         };
         let mut durations = Vec::new();
         let first = triggered.iter().map(|t| t.sent).min().unwrap_or(0);
         let mut last = first;
         for trigger in &triggered {
-            let Some(progress) = progress.get(&trigger.session_id) else {
+            let Some(seen) = progress.get(&trigger.session_id) else {
                 figures.sessions_unfinished += 1;
                 continue;
             };
-            figures.tasks_completed += progress.tasks_completed;
-            last = last.max(progress.last_ns);
-            match progress.end {
+            figures.tasks_completed += seen.tasks_completed;
+            last = last.max(seen.last_ns);
+            match seen.end {
                 Some((End::Completed, at)) => {
                     figures.sessions_completed += 1;
                     durations.push(at.saturating_sub(trigger.sent));
@@ -258,7 +264,9 @@ impl Workflows {
                     let request = json!({"workflowId": workflow, "input": input});
                     let reply = api.call("workflow", "trigger", &request).await;
                     let replied = clock.now_ns();
-                    let session_id = reply.ok().and_then(|r| r["sessionId"].as_str().map(str::to_owned));
+                    let session_id = reply
+                        .ok()
+                        .and_then(|r| r["sessionId"].as_str().map(str::to_owned));
                     if session_id.is_none()
                         && let Some(gate) = gate
                     {
@@ -443,7 +451,10 @@ impl SessionWatch {
     fn stop(self) {
         let dropped = self.state.dropped.load(Ordering::Relaxed);
         if dropped > 0 {
-            warn!(dropped, "the session watch was a slow consumer; counts are low");
+            warn!(
+                dropped,
+                "the session watch was a slow consumer; counts are low"
+            );
         }
         self.stop.cancel();
     }
