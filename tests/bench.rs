@@ -102,12 +102,16 @@ async fn every_scenario_runs_and_its_figures_add_up() {
         "5",
         "--registry-dispatch-secs",
         "1",
+        "--bridge-concurrency",
+        "1,4",
+        "--bridge-requests",
+        "60",
     ]);
     let report = opscore::bench::run(cli.options)
         .await
         .expect("the run completes");
     assert!(report.machine.nproc >= 1);
-    assert_eq!(report.scenarios.len(), 4, "{report}");
+    assert_eq!(report.scenarios.len(), 5, "{report}");
 
     for scenario in &report.scenarios {
         match scenario {
@@ -139,6 +143,19 @@ async fn every_scenario_runs_and_its_figures_add_up() {
                     assert_workflow("scaleout workflow", &step.workflow);
                 }
                 assert!(scaleout.ingest_speedup.is_some());
+            }
+            ScenarioReport::Bridge(bridge) => {
+                let concurrency: Vec<usize> = bridge.phases.iter().map(|p| p.concurrency).collect();
+                assert_eq!(concurrency, vec![1, 4]);
+                for phase in &bridge.phases {
+                    let what = format!("bridge, {} in flight", phase.concurrency);
+                    assert_eq!((phase.accepted, phase.failed), (60, 0), "{what}");
+                    assert_eq!(phase.applied, 60, "{what}: every accepted report applied");
+                    assert_eq!(phase.monitor_dropped, 0, "{what}");
+                    assert!(phase.accepted_per_second > 0.0, "{what}");
+                    assert_ordered(&what, phase.request.as_ref(), 60);
+                    assert_ordered(&what, phase.request_to_applied.as_ref(), 60);
+                }
             }
         }
     }

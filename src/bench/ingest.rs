@@ -96,8 +96,10 @@ struct PhasePlan {
 /// Registered agents ready to report, and the watch that sees their reports applied.
 #[derive(Debug)]
 pub(crate) struct Ingest {
-    pool: Pool,
-    watch: AgentWatch,
+    pub(crate) pool: Pool,
+    pub(crate) watch: AgentWatch,
+    /// Every agent's id is this prefix and its number.
+    pub(crate) prefix: String,
 }
 
 impl Ingest {
@@ -130,7 +132,11 @@ impl Ingest {
                 seconds: options.drain_secs,
             });
         }
-        Ok(Self { pool, watch })
+        Ok(Self {
+            pool,
+            watch,
+            prefix,
+        })
     }
 
     /// Publishes `--events` reports as fast as the worker applies them, with at most

@@ -9,6 +9,7 @@
 //! `docs/performance.md` explains every figure.
 
 mod agents;
+mod bridge;
 mod ceiling;
 mod deployment;
 mod ingest;
@@ -44,6 +45,7 @@ pub enum Scenario {
     Workflow,
     Registry,
     Scaleout,
+    Bridge,
     All,
 }
 
@@ -129,6 +131,12 @@ pub struct Options {
     /// Registry: length of the dispatch phase run against the large registry, in seconds.
     #[arg(long, default_value_t = 5)]
     pub registry_dispatch_secs: u64,
+    /// Bridge: HTTP requests in flight in each phase, one phase per value; at most `--agents`.
+    #[arg(long, value_delimiter = ',', default_value = "1,50")]
+    pub bridge_concurrency: Vec<usize>,
+    /// Bridge: state reports posted in each phase.
+    #[arg(long, default_value_t = 5000)]
+    pub bridge_requests: u64,
 }
 
 /// Why a run could not complete.
@@ -203,9 +211,12 @@ impl Context {
 pub async fn run(options: Options) -> Result<Report, BenchError> {
     let started = Instant::now();
     let started_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    if options.scenario == Scenario::Scaleout && options.spawn_worker.is_none() {
+    if matches!(options.scenario, Scenario::Scaleout | Scenario::Bridge)
+        && options.spawn_worker.is_none()
+    {
         return Err(BenchError::Usage(
-            "the scaleout scenario starts its own workers: give --spawn-worker".to_owned(),
+            "the scaleout and bridge scenarios start their own processes: give --spawn-worker"
+                .to_owned(),
         ));
     }
     if let Some(binary) = &options.spawn_worker {
@@ -317,6 +328,13 @@ async fn run_scenarios(context: &Context) -> Result<Vec<ScenarioReport>, BenchEr
             reports.push(ScenarioReport::Scaleout(scaleout::run(context).await?));
         } else {
             info!("scaleout skipped: it needs --spawn-worker");
+        }
+    }
+    if wants(Scenario::Bridge) {
+        if context.spawn.is_some() {
+            reports.push(ScenarioReport::Bridge(bridge::run(context).await?));
+        } else {
+            info!("bridge skipped: it needs --spawn-worker");
         }
     }
     Ok(reports)

@@ -35,6 +35,7 @@ pub enum ScenarioReport {
     Workflow(WorkflowReport),
     Registry(RegistryReport),
     Scaleout(ScaleoutReport),
+    Bridge(BridgeReport),
 }
 
 /// JetStream publish-with-ack throughput of state-report-sized messages.
@@ -182,6 +183,37 @@ pub struct ScaleoutReport {
     /// Applied events per second with two workers over one.
     pub ingest_speedup: Option<f64>,
     pub workflow_speedup: Option<f64>,
+}
+
+/// One phase of the bridge scenario.
+#[derive(Debug, Clone, Serialize)]
+pub struct BridgePhase {
+    /// HTTP requests in flight at once.
+    pub concurrency: usize,
+    pub requests: u64,
+    /// Requests answered `202 Accepted`.
+    pub accepted: u64,
+    /// Requests answered otherwise, or not answered.
+    pub failed: u64,
+    /// First request sent to last response received.
+    pub seconds: f64,
+    pub accepted_per_second: f64,
+    /// Request sent to response received.
+    pub request: Option<Percentiles>,
+    /// Accepted reports seen applied on the status stream.
+    pub applied: u64,
+    /// Request sent to `state_changed` received on the status stream.
+    pub request_to_applied: Option<Percentiles>,
+    pub monitor_dropped: u64,
+    pub observed: Observed,
+}
+
+/// Scenario 5.
+#[derive(Debug, Clone, Serialize)]
+pub struct BridgeReport {
+    pub workers: usize,
+    pub agents: usize,
+    pub phases: Vec<BridgePhase>,
 }
 
 fn thousands(value: f64) -> String {
@@ -373,6 +405,47 @@ impl Display for WorkflowPhase {
     }
 }
 
+impl Display for BridgePhase {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        row(
+            f,
+            &format!("state reports, {} in flight", self.concurrency),
+            &format!(
+                "{} req/s ({}/{} accepted in {:.2} s)",
+                thousands(self.accepted_per_second),
+                self.accepted,
+                self.requests,
+                self.seconds
+            ),
+            None,
+        )?;
+        row(
+            f,
+            "  request->202 p50/p99/p99.9",
+            &percentiles(self.request.as_ref()),
+            None,
+        )?;
+        row(
+            f,
+            "  request->applied p50/p99/p99.9",
+            &percentiles(self.request_to_applied.as_ref()),
+            None,
+        )?;
+        if self.failed > 0 || self.applied != self.accepted || self.monitor_dropped > 0 {
+            row(
+                f,
+                "  failed / applied / watch drops",
+                &format!(
+                    "{} / {} / {}",
+                    self.failed, self.applied, self.monitor_dropped
+                ),
+                None,
+            )?;
+        }
+        write!(f, "{}", self.observed)
+    }
+}
+
 impl Display for Ceiling {
     fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
         row(
@@ -460,6 +533,16 @@ impl Display for Report {
                             None,
                         )?;
                         write!(f, "{}", size.dispatch)?;
+                    }
+                }
+                ScenarioReport::Bridge(r) => {
+                    writeln!(
+                        f,
+                        "== bridge: {} agents, {} worker(s), one bridge",
+                        r.agents, r.workers
+                    )?;
+                    for phase in &r.phases {
+                        write!(f, "{phase}")?;
                     }
                 }
                 ScenarioReport::Scaleout(r) => {

@@ -59,6 +59,35 @@ impl SpawnConfig {
         env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
     }
 
+    /// Starts `opscore <subcommand>` with the environment of scenario `label` and `extra`,
+    /// its stderr in `<log_name>.log` under the run's directory.
+    pub(crate) fn spawn(
+        &self,
+        subcommand: &str,
+        label: &str,
+        log_name: &str,
+        extra: &[(&str, String)],
+    ) -> Result<(Child, PathBuf), BenchError> {
+        let log = self.log_dir.join(format!("{log_name}.log"));
+        let file = std::fs::File::create(&log).map_err(|source| BenchError::Io {
+            what: format!("create {}", log.display()),
+            source,
+        })?;
+        let child = Command::new(&self.binary)
+            .arg(subcommand)
+            .envs(self.env(label, extra))
+            .env("RUST_LOG", &self.log_level)
+            .stdout(Stdio::null())
+            .stderr(file)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| BenchError::Io {
+                what: format!("start {} {subcommand}", self.binary.display()),
+                source,
+            })?;
+        Ok((child, log))
+    }
+
     /// Creates the streams and the run's durable consumer before any worker starts.
     ///
     /// A consumer the worker created itself would deliver the events stream from its first
@@ -124,29 +153,12 @@ impl WorkerSet {
         extra: &[(&str, String)],
         client: &async_nats::Client,
     ) -> Result<Self, BenchError> {
-        let env = config.env(label, extra);
         let mut set = Self {
             children: Vec::new(),
             logs: Vec::new(),
         };
         for n in 0..count {
-            let log = config.log_dir.join(format!("{label}-{n}.log"));
-            let file = std::fs::File::create(&log).map_err(|source| BenchError::Io {
-                what: format!("create {}", log.display()),
-                source,
-            })?;
-            let child = Command::new(&config.binary)
-                .arg("run")
-                .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-                .env("RUST_LOG", &config.log_level)
-                .stdout(Stdio::null())
-                .stderr(file)
-                .kill_on_drop(true)
-                .spawn()
-                .map_err(|source| BenchError::Io {
-                    what: format!("start {} run", config.binary.display()),
-                    source,
-                })?;
+            let (child, log) = config.spawn("run", label, &format!("{label}-{n}"), extra)?;
             set.children.push(child);
             set.logs.push(log);
         }
@@ -191,27 +203,33 @@ impl WorkerSet {
     /// Stops every worker with SIGTERM, as an operator would, and kills what is still
     /// running after the grace period.
     pub(crate) async fn stop(mut self) {
-        for child in &self.children {
-            if let Some(pid) = child.id() {
-                let sent = Command::new("kill")
-                    .args(["-TERM", &pid.to_string()])
-                    .status()
-                    .await;
-                if let Err(error) = sent {
-                    debug!(%error, pid, "sending SIGTERM");
-                }
+        terminate(&mut self.children).await;
+    }
+}
+
+/// Sends SIGTERM to every child, waits for each, and kills what still runs after
+/// [`STOP_TIMEOUT`].
+pub(crate) async fn terminate(children: &mut [Child]) {
+    for child in children.iter() {
+        if let Some(pid) = child.id() {
+            let sent = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .await;
+            if let Err(error) = sent {
+                debug!(%error, pid, "sending SIGTERM");
             }
         }
-        for child in &mut self.children {
-            match tokio::time::timeout(STOP_TIMEOUT, child.wait()).await {
-                Ok(Ok(status)) if status.success() => {}
-                Ok(Ok(status)) => warn!(%status, "worker exited with an error"),
-                Ok(Err(error)) => debug!(%error, "waiting for a worker"),
-                Err(_) => {
-                    warn!("worker did not stop after SIGTERM; killing it");
-                    if let Err(error) = child.kill().await {
-                        debug!(%error, "killing a worker");
-                    }
+    }
+    for child in children {
+        match tokio::time::timeout(STOP_TIMEOUT, child.wait()).await {
+            Ok(Ok(status)) if status.success() => {}
+            Ok(Ok(status)) => warn!(%status, "child process exited with an error"),
+            Ok(Err(error)) => debug!(%error, "waiting for a child process"),
+            Err(_) => {
+                warn!("child process did not stop after SIGTERM; killing it");
+                if let Err(error) = child.kill().await {
+                    debug!(%error, "killing a child process");
                 }
             }
         }

@@ -92,15 +92,7 @@ impl Deliverer {
         agents: Arc<AgentCache>,
         settings: &BridgeSettings,
     ) -> Result<Arc<Self>, reqwest::Error> {
-        // reqwest is built without a crypto provider of its own so that ring, which NATS
-        // already uses, is the only one; it must be the process default before a client is
-        // built. It may be installed already (a second bridge in one process).
-        if rustls::crypto::ring::default_provider()
-            .install_default()
-            .is_err()
-        {
-            debug!("a rustls crypto provider was already installed");
-        }
+        super::use_ring_provider();
         let http = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
             .user_agent(concat!("opscore-bridge/", env!("CARGO_PKG_VERSION")))

@@ -185,6 +185,18 @@ fn validate(settings: &Settings) -> Result<(), BridgeError> {
     Ok(())
 }
 
+/// Makes ring the process's rustls crypto provider, as it must be before a reqwest client is
+/// built: reqwest is built without a provider of its own so that ring, which NATS already
+/// uses, is the only one. Installing it twice (two bridges in one process) is harmless.
+pub(crate) fn use_ring_provider() {
+    if rustls::crypto::ring::default_provider()
+        .install_default()
+        .is_err()
+    {
+        tracing::debug!("a rustls crypto provider was already installed");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
