@@ -6,6 +6,7 @@
 //! capabilities), an agent that registers or becomes idle does the same.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
@@ -30,6 +31,10 @@ const MAX_ATTEMPTS: usize = 16;
 const CANDIDATE_LIMIT: usize = 1_000;
 /// Waiting sessions re-examined when one agent becomes available.
 const WAITING_BATCH: usize = 32;
+/// Times a placement that lost every attempt to other placements is tried again.
+const CONTENDED_ROUNDS: u32 = 3;
+/// Longest pause before the first of those rounds, in milliseconds; it doubles each round.
+const CONTENDED_PAUSE_MS: u64 = 5;
 
 /// How an operation on a session ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -294,16 +299,19 @@ impl<R: Repository> Sessions<R> {
         session_id: &str,
         timers_fired: &[String],
     ) -> Result<(SessionOutcome, usize), RepositoryError> {
-        for _ in 0..MAX_ATTEMPTS {
+        let mut total = 0;
+        let mut timers_fired = timers_fired;
+        for attempt in 0..MAX_ATTEMPTS {
             let Some(record) = self.repository.load_session(session_id).await? else {
-                return Ok((SessionOutcome::NotFound, 0));
+                return Ok((SessionOutcome::NotFound, total));
             };
             let now = Utc::now();
             let ready = record.value.ready_tasks(now);
             if ready.is_empty() && timers_fired.is_empty() {
-                return Ok((SessionOutcome::Applied, 0));
+                return Ok((SessionOutcome::Applied, total));
             }
             let mut dispatched = 0;
+            let mut began_waiting = false;
 
             // Candidates for every capability the ready tasks need, read before deciding.
             let mut agents: BTreeMap<String, (Agent, u64)> = BTreeMap::new();
@@ -339,7 +347,9 @@ impl<R: Repository> Sessions<R> {
                     .values()
                     .map(|(agent, _)| candidate(agent))
                     .collect();
-                let effects = match choose_agent(&candidates, &capability, pinned.as_deref()) {
+                let spread = spread(session_id, &task_id, attempt);
+                let choice = choose_agent(&candidates, &capability, pinned.as_deref(), spread);
+                let effects = match choice {
                     Ok(agent_id) => {
                         let effects = change.session.assign(&task_id, &agent_id, now);
                         let effects = effects.map_err(|e| {
@@ -352,7 +362,10 @@ impl<R: Repository> Sessions<R> {
                         effects
                     }
                     Err(reason) => match change.session.mark_waiting(&task_id, reason, now) {
-                        Ok(effects) => effects,
+                        Ok(effects) => {
+                            began_waiting |= !effects.is_empty();
+                            effects
+                        }
                         Err(e) => {
                             warn!(%e, session_id, task_id, "cannot record why the task waits");
                             continue;
@@ -364,7 +377,7 @@ impl<R: Repository> Sessions<R> {
 
             // Every task still waits for the same reason: nothing to write.
             if change.session == unchanged && change.is_empty() {
-                return Ok((SessionOutcome::Applied, 0));
+                return Ok((SessionOutcome::Applied, total));
             }
             match change.commit(&self.repository, None, None).await? {
                 SessionCommitOutcome::Committed => {
@@ -373,17 +386,26 @@ impl<R: Repository> Sessions<R> {
                         .increment(dispatched as u64);
                     self.publisher.flush(&self.repository, &change.outbox).await;
                     crate::faults::crash_point("after_publish");
-                    return Ok((SessionOutcome::Applied, dispatched));
+                    total += dispatched;
+                    if !began_waiting {
+                        return Ok((SessionOutcome::Applied, total));
+                    }
+                    // A slot freed after the candidates were read and before this commit put
+                    // the session among the waiting ones would wake nobody: the agent's
+                    // follow-up looked for waiting sessions too early. Reading the candidates
+                    // once more, now that the session is visibly waiting, closes that gap:
+                    // a slot freed later finds the session through its follow-up.
+                    timers_fired = &[];
                 }
                 SessionCommitOutcome::Conflict => {
                     debug!(session_id, "placement conflict; retrying")
                 }
                 SessionCommitOutcome::Duplicate | SessionCommitOutcome::KeyTaken(_) => {
-                    return Ok((SessionOutcome::Duplicate, 0));
+                    return Ok((SessionOutcome::Duplicate, total));
                 }
             }
         }
-        Ok((SessionOutcome::Contended, 0))
+        Ok((SessionOutcome::Contended, total))
     }
 
     /// Loads a session, applies `decide`, commits with the agents whose leases it released,
@@ -459,12 +481,29 @@ impl<R: Repository> Sessions<R> {
             }
         }
         let mut seen = BTreeSet::new();
-        while let Some(session_id) = sessions.pop_front() {
-            if !seen.insert(session_id.clone()) {
-                continue;
-            }
-            if let Err(error) = self.place(&session_id, &[]).await {
-                debug!(%error, session_id, "placement failed; the reconciler will retry");
+        let mut queue: VecDeque<(String, u32)> = sessions
+            .into_iter()
+            .filter(|session_id| seen.insert(session_id.clone()))
+            .map(|session_id| (session_id, 0))
+            .collect();
+        while let Some((session_id, round)) = queue.pop_front() {
+            match self.place(&session_id, &[]).await {
+                Ok((SessionOutcome::Contended, _)) if round < CONTENDED_ROUNDS => {
+                    // Every attempt lost a race for an agent record: other placements hold
+                    // the agents this session's tasks want. Step back for a random moment so
+                    // the racers drift apart, then try again after the rest of the queue.
+                    let pause = rand::random_range(1..=CONTENDED_PAUSE_MS << round);
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                    queue.push_back((session_id, round + 1));
+                }
+                Ok((SessionOutcome::Contended, _)) => {
+                    metrics::counter!("opscore_placements_contended_total").increment(1);
+                    debug!(session_id, "placement contended; the reconciler will retry");
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    debug!(%error, session_id, "placement failed; the reconciler will retry")
+                }
             }
         }
     }
@@ -687,6 +726,17 @@ impl Change {
             })
             .await
     }
+}
+
+/// Which of the least recently assigned agents a placement takes ([`choose_agent`]): fixed
+/// for one task and attempt, different across the tasks placed at once (and across the retries
+/// of one placement), so that concurrent placements spread over several agent records instead
+/// of all conflicting on the same one.
+fn spread(session_id: &str, task_id: &str, attempt: usize) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    (session_id, task_id).hash(&mut hasher);
+    hasher.finish().wrapping_add(attempt as u64)
 }
 
 /// The session's contribution to the counters behind the gauges: sessions by status, and its

@@ -37,18 +37,24 @@ impl Candidate {
     }
 }
 
+/// How many of the least recently assigned eligible agents one placement chooses among.
+pub const SPREAD: usize = 8;
+
 /// Picks the agent for a task needing `capability`, or says why none can take it.
 ///
 /// Eligible agents are capable (see [`Candidate`]), report `idle` or `active`, and hold fewer
-/// leases than `maxConcurrentTasks`; `pinned` restricts the choice to that agent. The least
-/// recently assigned eligible agent wins, ties going to the smallest agent id so that every
-/// worker instance makes the same choice. Without any capable agent the reason is
-/// `no_capable_agent`; when capable agents exist but none is eligible it is
-/// `all_capable_agents_busy`.
+/// leases than `maxConcurrentTasks`; `pinned` restricts the choice to that agent. The eligible
+/// agents are ranked least recently assigned first, ties going to the smallest agent id, and
+/// `spread` picks one of the first [`SPREAD`] of them (`spread % SPREAD`, within however many
+/// there are). With `spread` 0 the least recently assigned agent wins. Placements running at
+/// once each pass a different `spread`, so they do not all race for the same agent record.
+/// Without any capable agent the reason is `no_capable_agent`; when capable agents exist but
+/// none is eligible it is `all_capable_agents_busy`.
 pub fn choose_agent(
     candidates: &[Candidate],
     capability: &str,
     pinned: Option<&str>,
+    spread: u64,
 ) -> Result<String, PendingReason> {
     let mut capable = candidates
         .iter()
@@ -58,15 +64,24 @@ pub fn choose_agent(
     if capable.peek().is_none() {
         return Err(PendingReason::NoCapableAgent);
     }
-    capable
-        .filter(|c| c.has_free_slot())
-        .min_by(|a, b| {
-            a.last_assigned_at
-                .cmp(&b.last_assigned_at)
-                .then_with(|| a.agent_id.cmp(&b.agent_id))
-        })
-        .map(|c| c.agent_id.clone())
-        .ok_or(PendingReason::AllCapableAgentsBusy)
+    let mut eligible: Vec<&Candidate> = capable.filter(|c| c.has_free_slot()).collect();
+    if eligible.is_empty() {
+        return Err(PendingReason::AllCapableAgentsBusy);
+    }
+    let rank = |a: &&Candidate, b: &&Candidate| {
+        a.last_assigned_at
+            .cmp(&b.last_assigned_at)
+            .then_with(|| a.agent_id.cmp(&b.agent_id))
+    };
+    let window = eligible.len().min(SPREAD);
+    if window < eligible.len() {
+        eligible.select_nth_unstable_by(window - 1, rank);
+        eligible.truncate(window);
+    }
+    eligible.sort_unstable_by(rank);
+    // `window` is at most SPREAD, so the remainder fits in usize.
+    let pick = (spread % window as u64) as usize;
+    Ok(eligible[pick].agent_id.clone())
 }
 
 #[cfg(test)]
@@ -102,13 +117,13 @@ mod tests {
             ..agent("b")
         };
         assert_eq!(
-            choose_agent(&[a.clone(), b], "summarize", None),
+            choose_agent(&[a.clone(), b], "summarize", None, 0),
             Ok("b".to_owned())
         );
 
         let never = agent("c");
         assert_eq!(
-            choose_agent(&[a, never], "summarize", None),
+            choose_agent(&[a, never], "summarize", None, 0),
             Ok("c".to_owned())
         );
     }
@@ -116,7 +131,10 @@ mod tests {
     #[test]
     fn ties_go_to_the_smallest_agent_id() {
         let agents = [agent("b"), agent("a"), agent("c")];
-        assert_eq!(choose_agent(&agents, "summarize", None), Ok("a".to_owned()));
+        assert_eq!(
+            choose_agent(&agents, "summarize", None, 0),
+            Ok("a".to_owned())
+        );
     }
 
     #[test]
@@ -127,7 +145,7 @@ mod tests {
             leases_held: 1,
             ..agent("a")
         };
-        assert_eq!(choose_agent(&[a], "summarize", None), Ok("a".to_owned()));
+        assert_eq!(choose_agent(&[a], "summarize", None, 0), Ok("a".to_owned()));
     }
 
     #[test]
@@ -151,11 +169,11 @@ mod tests {
             },
         ];
         assert_eq!(
-            choose_agent(&agents, "summarize", None),
+            choose_agent(&agents, "summarize", None, 0),
             Err(PendingReason::NoCapableAgent)
         );
         assert_eq!(
-            choose_agent(&[], "summarize", None),
+            choose_agent(&[], "summarize", None, 0),
             Err(PendingReason::NoCapableAgent)
         );
     }
@@ -185,7 +203,7 @@ mod tests {
             },
         ];
         assert_eq!(
-            choose_agent(&agents, "summarize", None),
+            choose_agent(&agents, "summarize", None, 0),
             Err(PendingReason::AllCapableAgentsBusy)
         );
     }
@@ -200,11 +218,11 @@ mod tests {
             },
         ];
         assert_eq!(
-            choose_agent(&agents, "summarize", Some("b")),
+            choose_agent(&agents, "summarize", Some("b"), 0),
             Ok("b".to_owned())
         );
         assert_eq!(
-            choose_agent(&agents, "summarize", Some("z")),
+            choose_agent(&agents, "summarize", Some("z"), 0),
             Err(PendingReason::NoCapableAgent)
         );
 
@@ -216,8 +234,37 @@ mod tests {
             },
         ];
         assert_eq!(
-            choose_agent(&busy, "summarize", Some("b")),
+            choose_agent(&busy, "summarize", Some("b"), 0),
             Err(PendingReason::AllCapableAgentsBusy)
+        );
+    }
+
+    #[test]
+    fn spread_picks_among_the_least_recently_assigned_only() {
+        // Twelve eligible agents; agent n was assigned at minute 20 - n, so "l" (n = 11) is the
+        // least recently assigned and "a" the most.
+        let agents: Vec<Candidate> = (0..12u32)
+            .map(|n| {
+                let id = char::from(b'a' + n as u8).to_string();
+                Candidate {
+                    last_assigned_at: at(20 - n),
+                    ..agent(&id)
+                }
+            })
+            .collect();
+        let picks: Vec<String> = (0..SPREAD as u64 * 2)
+            .map(|spread| choose_agent(&agents, "summarize", None, spread).expect("an agent"))
+            .collect();
+        let window = ["l", "k", "j", "i", "h", "g", "f", "e"];
+        assert_eq!(picks[..SPREAD], window, "in rank order");
+        assert_eq!(picks[SPREAD..], window, "and round again");
+
+        // Fewer eligible agents than the spread: the choice stays among them.
+        let two = &agents[10..];
+        assert_eq!(
+            choose_agent(two, "summarize", None, 3),
+            Ok("k".to_owned()),
+            "3 % 2 picks the second"
         );
     }
 }
