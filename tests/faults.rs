@@ -1,6 +1,7 @@
 //! Faults injected around a running worker: the network to NATS or Redis goes silent, the
 //! NATS server dies and comes back, a worker among three is killed, a worker is stopped under
-//! load. After each, every event NATS acknowledged is applied exactly once.
+//! load, a monitor stops reading. After each, every event NATS acknowledged is applied exactly
+//! once.
 
 mod common;
 
@@ -307,5 +308,97 @@ async fn redis_restarted_empty_is_detected_and_reported() {
     let agent = AgentClient::new(&nats, "e0").await;
     agent.register(&["x"]).await;
     status.agent_event("e0", "registered").await;
+    worker.stop().await;
+}
+
+/// A subscriber on a raw connection that, once its subscription is in place, reads nothing
+/// more: what the server sends it piles up in a small receive buffer and then in the server.
+struct StalledMonitor {
+    _socket: tokio::net::TcpStream,
+}
+
+impl StalledMonitor {
+    async fn subscribe(nats: &NatsServer, subject: &str) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(4096).expect("receive buffer");
+        let address = std::net::SocketAddr::from(([127, 0, 0, 1], nats.port));
+        let mut stream = socket.connect(address).await.expect("connect");
+        let hello = format!(
+            "CONNECT {{\"verbose\":false,\"pedantic\":false,\"name\":\"stalled monitor\"}}\r\nSUB {subject} 1\r\nPING\r\n"
+        );
+        stream.write_all(hello.as_bytes()).await.expect("subscribe");
+        // The server answers the PING after it processed the SUB.
+        let mut received = Vec::new();
+        while !received.windows(6).any(|w| w == b"PONG\r\n") {
+            let mut chunk = [0u8; 1024];
+            let n = tokio::time::timeout(WAIT, stream.read(&mut chunk))
+                .await
+                .expect("PONG in time")
+                .expect("read");
+            assert!(
+                n > 0,
+                "server closed: {}",
+                String::from_utf8_lossy(&received)
+            );
+            received.extend_from_slice(&chunk[..n]);
+        }
+        Self { _socket: stream }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_monitor_that_stops_reading_never_stalls_the_worker() {
+    let nats = NatsServer::start();
+    let redis = RedisServer::start();
+    let worker = InProcessWorker::start(settings(&nats, Some(&redis), &[]), &nats).await;
+    let mut status = Watcher::subscribe(&nats, "opscore.status.>").await;
+    let agents = register(&nats, &mut status, "m", 40).await;
+    let _stalled = StalledMonitor::subscribe(&nats, "opscore.status.>").await;
+
+    // 40 agents report 40 times each, in parallel; every report is a transition the stalled
+    // monitor is sent and never reads.
+    const REPORTS: i64 = 40;
+    let publishers: Vec<_> = agents
+        .iter()
+        .map(|agent| {
+            let id = agent.id.clone();
+            let url = nats.url();
+            tokio::spawn(async move {
+                let client = async_nats::connect(url).await.expect("connect");
+                let jetstream = async_nats::jetstream::new(client);
+                for report in 1..=REPORTS {
+                    let state = if report % 2 == 0 { "idle" } else { "busy" };
+                    let body = json!({"agentId": id, "state": state, "timestamp": ts(report)});
+                    jetstream
+                        .publish(format!("opscore.agent.{id}.state"), body.to_string().into())
+                        .await
+                        .expect("publish")
+                        .await
+                        .expect("stored");
+                }
+            })
+        })
+        .collect();
+    for publisher in publishers {
+        publisher.await.expect("publisher");
+    }
+
+    wait_until_quiet(&nats).await;
+    assert_applied_once(&nats, &agents, REPORTS as usize).await;
+    // A monitor that does read was sent every transition, up to each agent's last.
+    for agent in &agents {
+        let record = api(&nats, "agent", "get", json!({"agentId": agent.id}))
+            .await
+            .expect("agent.get");
+        assert_eq!(record["state"], "idle", "the last report wins");
+        assert_eq!(
+            record["staleEvents"], 0,
+            "one worker applies an agent's events in order"
+        );
+        for _ in 0..REPORTS {
+            status.agent_event(&agent.id, "state_changed").await;
+        }
+    }
     worker.stop().await;
 }

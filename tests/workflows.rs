@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use futures::StreamExt;
 use serde_json::{Value, json};
 
 struct Setup {
@@ -634,6 +635,72 @@ async fn ended_sessions_leave_the_waiting_index_and_the_gauges() {
             .unwrap_or(0),
         0,
         "{counters:?}"
+    );
+    s.worker.stop().await;
+}
+
+#[tokio::test]
+async fn an_agent_that_never_acknowledges_its_dispatches_loses_the_task_to_another() {
+    let mut s = setup(&[]).await;
+    // This agent takes its assignments through a durable JetStream consumer, as a careful
+    // agent would, then neither acknowledges them nor reports anything.
+    let jetstream = async_nats::jetstream::new(s.nats.client().await);
+    let stream = jetstream
+        .get_stream("OPSCORE_DISPATCH")
+        .await
+        .expect("dispatch stream");
+    let consumer: async_nats::jetstream::consumer::PullConsumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some("mute".to_owned()),
+            filter_subject: "opscore.dispatch.mute".to_owned(),
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await
+        .expect("the agent's consumer");
+    let mute = AgentClient::new(&s.nats, "mute").await;
+    mute.register(&["job"]).await;
+    mute.report("idle", &chrono::Utc::now().to_rfc3339()).await;
+
+    let mut definition = workflow("mute", json!([task("t", "job", &[])]));
+    definition["defaults"] = json!({"timeoutSeconds": 1, "retry": {"maxAttempts": 3, "initialDelayMs": 10, "maxDelayMs": 10}});
+    let session_id = trigger(&s.nats, json!({"workflowDefinition": definition})).await;
+    let mut batch = consumer
+        .fetch()
+        .max_messages(1)
+        .expires(WAIT)
+        .messages()
+        .await
+        .expect("fetch");
+    let received = batch
+        .next()
+        .await
+        .expect("the assignment reaches the agent")
+        .expect("a message");
+    let first: Value = serde_json::from_slice(&received.payload).expect("JSON");
+    assert_eq!(first["type"], "opscore.task.assigned.v1");
+    assert_eq!(first["data"]["sessionId"], session_id.as_str());
+
+    // The mute agent says it is busy, as one stuck on its work would (so the retry cannot go
+    // back to it), and a working agent arrives: once the lease expires, the retry reaches it.
+    mute.report("busy", &chrono::Utc::now().to_rfc3339()).await;
+    let mut worker = SimAgent::start(&s.nats, "worker", &["job"], 1).await;
+    let assignment = worker.next_assignment().await;
+    assert_eq!(assignment["sessionId"], session_id.as_str());
+    assert_eq!(assignment["leaseEpoch"], 2, "{assignment}");
+    worker.complete(&assignment, json!({"done": true})).await;
+    session_event(&mut s.status, &session_id, "session.completed").await;
+    let session = api(&s.nats, "session", "get", json!({"sessionId": session_id}))
+        .await
+        .expect("get");
+    assert_eq!(session["result"], json!({"t": {"done": true}}));
+
+    // The first assignment was never acknowledged, and the engine did not need it to be.
+    let mut consumer = consumer;
+    let info = consumer.info().await.expect("consumer info");
+    assert!(
+        info.num_ack_pending + info.num_pending as usize >= 1,
+        "{info:?}"
     );
     s.worker.stop().await;
 }

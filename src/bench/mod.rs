@@ -135,7 +135,7 @@ pub struct Options {
     #[arg(long, value_delimiter = ',', default_value = "1,50")]
     pub bridge_concurrency: Vec<usize>,
     /// Bridge: state reports posted in each phase.
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, default_value_t = 20_000)]
     pub bridge_requests: u64,
 }
 
