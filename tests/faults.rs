@@ -267,14 +267,53 @@ async fn sigterm_under_load_finishes_in_flight_work_and_loses_nothing() {
     assert_applied_once(&nats, &agents, REPORTS as usize).await;
 }
 
+/// Runs `opscore recover` against the test's servers; returns its standard output.
+async fn recover(nats: &NatsServer, redis: &RedisServer) -> String {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_opscore"))
+        .arg("recover")
+        .envs(env_vars(nats, redis, &[]))
+        .output()
+        .await
+        .expect("run opscore recover");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{:?}\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_restarted_empty_is_detected_and_reported() {
+async fn redis_restarted_empty_is_detected_reported_and_recovered() {
     let nats = NatsServer::start();
     let mut redis = RedisServer::start();
     let worker = InProcessWorker::start(settings(&nats, Some(&redis), &[]), &nats).await;
     let metrics = format!("http://{}/metrics", admin_address(&nats).await);
     let mut status = Watcher::subscribe(&nats, "opscore.status.>").await;
-    register(&nats, &mut status, "e", 1).await;
+    let agents = register(&nats, &mut status, "e", 3).await;
+    for (n, agent) in agents.iter().enumerate() {
+        agent.report("busy", &ts(1)).await;
+        if n > 0 {
+            agent.report("idle", &ts(2)).await;
+        }
+    }
+    // A session whose only task an agent holds and never finishes.
+    let mut holder = SimAgent::start(&nats, "holder", &["job"], 1).await;
+    let definition = json!({"id": "lost", "name": "lost", "version": "1", "tasks": [
+        {"taskId": "t", "name": "t", "agentCapability": "job"}]});
+    let session = api(
+        &nats,
+        "workflow",
+        "trigger",
+        json!({"workflowDefinition": definition}),
+    )
+    .await
+    .expect("trigger");
+    let session_id = session["sessionId"].as_str().expect("id").to_owned();
+    holder.next_assignment().await;
+    wait_until_quiet(&nats).await;
 
     // Without an append-only file the restarted server is empty.
     redis.restart();
@@ -299,15 +338,51 @@ async fn redis_restarted_empty_is_detected_and_reported() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-
-    // The registry starts again: the agent is unknown until it registers anew.
     let missing = api(&nats, "agent", "get", json!({"agentId": "e0"}))
         .await
         .expect_err("gone");
     assert_eq!(missing.code, 404);
-    let agent = AgentClient::new(&nats, "e0").await;
-    agent.register(&["x"]).await;
-    status.agent_event("e0", "registered").await;
+
+    // The registry comes back from the events stream, with the worker still running.
+    let report = recover(&nats, &redis).await;
+    assert!(
+        report.contains("sessions lost with the storage, ended as failed: 1"),
+        "{report}"
+    );
+    assert!(report.contains(&session_id), "{report}");
+    for (n, agent) in agents.iter().enumerate() {
+        let record = api(&nats, "agent", "get", json!({"agentId": agent.id}))
+            .await
+            .expect("rebuilt");
+        let last = if n > 0 { "idle" } else { "busy" };
+        assert_eq!(record["state"], last, "{record}");
+        assert_eq!(record["capabilities"], json!(["x"]), "{record}");
+    }
+    let holder_record = api(&nats, "agent", "get", json!({"agentId": "holder"}))
+        .await
+        .expect("rebuilt");
+    assert_eq!(
+        holder_record["leases"],
+        json!([]),
+        "the lost session's lease is gone"
+    );
+
+    // The lost session ends, visibly, on its status subject.
+    let ended = status
+        .expect("the lost session's end", |subject, body| {
+            subject == format!("opscore.status.session.{session_id}")
+                && body["data"]["kind"] == "session.failed"
+        })
+        .await;
+    assert_eq!(ended.1["data"]["error"]["reason"], "storage_lost");
+
+    // A second run finds nothing left to do.
+    let again = recover(&nats, &redis).await;
+    assert!(again.contains(": 0 applied"), "{again}");
+    assert!(
+        again.contains("sessions lost with the storage, ended as failed: 0"),
+        "{again}"
+    );
     worker.stop().await;
 }
 

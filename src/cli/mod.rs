@@ -80,6 +80,9 @@ pub enum Command {
     /// Run the HTTP bridge: the original Ops-Core REST API and AgentKit webhook, relayed over
     /// NATS.
     Bridge,
+    /// After Redis lost its data: rebuild the agent registry from the events stream and end,
+    /// as failed, the sessions storage lost. Harmless on intact storage.
+    Recover,
 }
 
 #[derive(Debug, Subcommand)]
@@ -245,6 +248,7 @@ pub async fn execute(command: Command, settings: Settings) -> ExitCode {
         Command::Session(command) => sessions::session(&settings, command).await,
         Command::Dlq(command) => sessions::dlq(&settings, command).await,
         Command::Watch(args) => watch::watch(&settings, args).await,
+        Command::Recover => recover(&settings).await,
         Command::Doctor => {
             return if doctor::doctor(&settings).await {
                 ExitCode::SUCCESS
@@ -287,6 +291,35 @@ impl From<ApiError> for CliError {
     fn from(error: ApiError) -> Self {
         Self::Api(error)
     }
+}
+
+async fn recover(settings: &Settings) -> Result<(), CliError> {
+    if settings.storage.backend != crate::config::Backend::Redis {
+        return Err(CliError::Usage(
+            "opscore recover rebuilds Redis storage; storage.backend is not redis".to_owned(),
+        ));
+    }
+    let repository = crate::worker::redis_repository(settings)
+        .map_err(|e| CliError::Unavailable(format!("redis: {e}")))?;
+    let recovery = crate::worker::recover(settings, repository)
+        .await
+        .map_err(|e| CliError::Unavailable(e.to_string()))?;
+    println!(
+        "agent events replayed: {} applied, {} stale, {} duplicate, {} dead lettered",
+        recovery.applied, recovery.stale, recovery.duplicate, recovery.dead_lettered
+    );
+    println!(
+        "task reports skipped: {} (their sessions are gone)",
+        recovery.task_reports_skipped
+    );
+    println!(
+        "sessions lost with the storage, ended as failed: {}",
+        recovery.sessions_failed.len()
+    );
+    for session_id in &recovery.sessions_failed {
+        println!("  {session_id}");
+    }
+    Ok(())
 }
 
 async fn run(settings: Settings) -> ExitCode {

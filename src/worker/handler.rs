@@ -68,6 +68,20 @@ pub struct HandlerOptions {
     pub unknown_agent_retry_delay: Duration,
 }
 
+impl HandlerOptions {
+    pub fn new(worker: &crate::config::WorkerSettings) -> Self {
+        Self {
+            limits: Limits {
+                max_bytes: worker.max_message_bytes,
+                max_depth: worker.max_json_depth,
+            },
+            retry_delay: Duration::from_millis(worker.retry_delay_ms),
+            unknown_agent_retries: worker.unknown_agent_retries,
+            unknown_agent_retry_delay: Duration::from_millis(worker.unknown_agent_retry_delay_ms),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Handler<R> {
     agents: Agents<R>,

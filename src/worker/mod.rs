@@ -4,6 +4,7 @@
 mod agents;
 mod consumer;
 mod handler;
+mod recover;
 mod sessions;
 mod timers;
 
@@ -17,6 +18,7 @@ use tracing::{Instrument, info, info_span};
 
 pub use self::agents::{Agents, CommandOutcome};
 pub use self::handler::{Delivery, Handler, HandlerOptions, Outcome};
+pub use self::recover::{RecoverError, Recovery, recover};
 pub use self::sessions::{
     Report, SessionOutcome, Sessions, Trigger, TriggerError, Triggered, session_of_task,
 };
@@ -25,7 +27,6 @@ use crate::admin::{self, Admin, Loops};
 use crate::api;
 use crate::bus::{self, BusError, Publisher};
 use crate::config::{Backend, Settings};
-use crate::envelope::Limits;
 use crate::repository::{
     DefineOutcome, MemoryRepository, RedisRepository, Repository, RepositoryError,
     RepositoryOptions,
@@ -107,24 +108,29 @@ pub fn repository_options(settings: &Settings) -> RepositoryOptions {
 
 /// Runs the worker until `shutdown` is cancelled, then drains within the grace period.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), StartError> {
-    let options = repository_options(&settings);
     match settings.storage.backend {
         Backend::Redis => {
-            let redis = &settings.redis;
-            let repository = RedisRepository::connect(
-                redis.url.expose(),
-                &redis.key_prefix,
-                Duration::from_millis(redis.response_timeout_ms),
-                Duration::from_millis(redis.connect_timeout_ms),
-                options,
-            )?;
+            let repository = redis_repository(&settings)?;
             run_with(settings, repository, shutdown).await
         }
         Backend::Memory => {
             info!("storage backend is memory: state is lost when the process exits");
-            run_with(settings, MemoryRepository::new(options), shutdown).await
+            let repository = MemoryRepository::new(repository_options(&settings));
+            run_with(settings, repository, shutdown).await
         }
     }
+}
+
+/// The Redis repository the settings describe.
+pub fn redis_repository(settings: &Settings) -> Result<RedisRepository, RepositoryError> {
+    let redis = &settings.redis;
+    RedisRepository::connect(
+        redis.url.expose(),
+        &redis.key_prefix,
+        Duration::from_millis(redis.response_timeout_ms),
+        Duration::from_millis(redis.connect_timeout_ms),
+        repository_options(settings),
+    )
 }
 
 /// Runs the worker on a given repository.
@@ -153,15 +159,7 @@ pub async fn run_with<R: Repository>(
         agents.clone(),
         sessions.clone(),
         publisher.clone(),
-        HandlerOptions {
-            limits: Limits {
-                max_bytes: worker.max_message_bytes,
-                max_depth: worker.max_json_depth,
-            },
-            retry_delay: Duration::from_millis(worker.retry_delay_ms),
-            unknown_agent_retries: worker.unknown_agent_retries,
-            unknown_agent_retry_delay: Duration::from_millis(worker.unknown_agent_retry_delay_ms),
-        },
+        HandlerOptions::new(worker),
     );
     // The admin port is bound first so that its actual address (port 0 picks one) can be
     // announced in the micro service's metadata, where `$SRV.INFO` shows it.
