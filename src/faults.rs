@@ -3,7 +3,9 @@
 //! `OPSCORE_CRASH_POINT=<name>` makes the process abort (no destructors, no flushing: as good
 //! as SIGKILL) the `OPSCORE_CRASH_AFTER`-th time (default 1) it reaches the point of that
 //! name. The points are `after_commit` (a change is in storage, nothing published),
-//! `after_publish` (published, inbound message not yet acknowledged) and `before_ack`.
+//! `after_publish` (published, inbound message not yet acknowledged), `before_ack`, and
+//! `before_legacy_task` (a legacy state report naming a task: its state applied, its meaning
+//! for the task not yet).
 //! Release builds contain none of this.
 
 #[cfg(debug_assertions)]

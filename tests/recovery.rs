@@ -193,3 +193,53 @@ async fn two_workers_run_many_sessions_dispatching_each_task_once() {
         );
     }
 }
+
+/// An agent of the original service finishes its task by reporting `idle` with the task id;
+/// the worker dies after applying the state and before the task half. The redelivered report
+/// is a duplicate as a state, and its task half must still complete the task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_legacy_report_redelivered_after_a_crash_still_completes_its_task() {
+    let nats = NatsServer::start();
+    let redis = RedisServer::start_with(true);
+    let mut armed = ChildWorker::spawn(&quick(
+        &nats,
+        &redis,
+        &[("OPSCORE_CRASH_POINT", "before_legacy_task")],
+    ));
+    armed.wait_until_serving(&nats).await;
+    let mut agent = SimAgent::start(&nats, "legacy", &["job"], 1).await;
+    // A long lease: only the redelivered report can complete the task in time.
+    let definition = json!({"id": "legacy", "name": "legacy", "version": "1",
+        "defaults": {"timeoutSeconds": 600},
+        "tasks": [{"taskId": "t", "name": "t", "agentCapability": "job"}]});
+    let session_id = trigger(&nats, json!({"workflowDefinition": definition})).await;
+    let assignment = agent.next_assignment().await;
+    let done = json!({
+        "agentId": "legacy",
+        "state": "idle",
+        "timestamp": chrono::Utc::now().to_rfc3339(),
+        "details": {"opscore_task_id": assignment["taskId"], "answer": 42},
+    });
+    agent.agent.publish("state", done).await;
+
+    let status = tokio::task::spawn_blocking(move || {
+        let status = armed.wait();
+        (status, armed)
+    })
+    .await
+    .expect("wait for the armed worker");
+    let (status, armed) = status;
+    assert!(!status.success(), "the worker died at the crash point");
+    assert!(
+        armed
+            .log_text()
+            .contains("crash point before_legacy_task reached"),
+        "{}",
+        armed.log_text()
+    );
+
+    let _healthy = ChildWorker::spawn(&quick(&nats, &redis, &[]));
+    let sessions = wait_for_sessions(&nats, &[session_id]).await;
+    assert_eq!(sessions[0]["status"], "completed", "{}", sessions[0]);
+    assert_eq!(sessions[0]["tasks"][0]["attempt"], 1, "{}", sessions[0]);
+}

@@ -171,8 +171,13 @@ impl<R: Repository> Handler<R> {
                 let outcome = self.agent_outcome(agent_id, delivery, result).await?;
                 // Agents of the original service report task progress as states naming the
                 // task; the state is applied above, its meaning for the task here, under a
-                // derived event id so that each is deduplicated on its own.
-                if let (Outcome::Applied, Some((task_id, report))) = (outcome, legacy) {
+                // derived event id so that each is deduplicated on its own. A duplicate state
+                // is a redelivery whose task half may not have happened (a crash or a storage
+                // failure in between), so the task half runs again; its own id keeps it once.
+                if let (Outcome::Applied | Outcome::Duplicate, Some((task_id, report))) =
+                    (outcome, legacy)
+                {
+                    crate::faults::crash_point("before_legacy_task");
                     let task_event = format!("{event_id}#task");
                     let result = self
                         .sessions
@@ -182,6 +187,8 @@ impl<R: Repository> Handler<R> {
                     // only makes the report meaningless for tasks, not undeliverable.
                     match self.task_outcome(&task_id, result) {
                         Ok(Outcome::Retry(delay)) => return Ok(Outcome::Retry(delay)),
+                        // The redelivery of a state applied before did apply its task half.
+                        Ok(Outcome::Applied) => return Ok(Outcome::Applied),
                         Ok(_) => {}
                         Err(rejected) => {
                             metrics::counter!("opscore_task_reports_rejected_total").increment(1);
