@@ -89,6 +89,14 @@ async fn every_kind_of_bad_input_is_dead_lettered_and_the_worker_keeps_serving()
                 .into_bytes(),
             "too_large",
         ),
+        (
+            // Just under nats-server's default limit of 1 MiB per message.
+            "opscore.agent.victim.state",
+            json!({"agentId": "victim", "padding": "x".repeat(1_040_000)})
+                .to_string()
+                .into_bytes(),
+            "too_large",
+        ),
         ("opscore.agent.victim.state", deep.into_bytes(), "too_deep"),
     ];
 
