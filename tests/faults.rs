@@ -426,7 +426,10 @@ impl StalledMonitor {
 async fn a_monitor_that_stops_reading_never_stalls_the_worker() {
     let nats = NatsServer::start();
     let redis = RedisServer::start();
-    let worker = InProcessWorker::start(settings(&nats, Some(&redis), &[]), &nats).await;
+    // A process of its own, so that its counters count this test's events only.
+    let mut worker = ChildWorker::spawn(&env_vars(&nats, &redis, &[]));
+    worker.wait_until_serving(&nats).await;
+    let metrics = format!("http://{}/metrics", admin_address(&nats).await);
     let mut status = Watcher::subscribe(&nats, "opscore.status.>").await;
     let agents = register(&nats, &mut status, "m", 40).await;
     let _stalled = StalledMonitor::subscribe(&nats, "opscore.status.>").await;
@@ -475,5 +478,25 @@ async fn a_monitor_that_stops_reading_never_stalls_the_worker() {
             status.agent_event(&agent.id, "state_changed").await;
         }
     }
-    worker.stop().await;
+    // The worker's own account: every event applied, none stale, duplicate or dead lettered.
+    let text = http()
+        .get(&metrics)
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
+    let events = |outcome: &str| {
+        let series = format!("opscore_events_total{{outcome=\"{outcome}\"}} ");
+        text.lines()
+            .find_map(|line| line.strip_prefix(series.as_str()))
+            .map_or(0, |n| n.parse::<u64>().expect("a count"))
+    };
+    let published = agents.len() as u64 * (1 + REPORTS as u64);
+    assert_eq!(events("applied"), published, "{text}");
+    for outcome in ["stale", "duplicate", "dead_lettered", "retry"] {
+        assert_eq!(events(outcome), 0, "{outcome}: {text}");
+    }
+    drop(worker);
 }
