@@ -23,6 +23,7 @@ async fn events_published_while_redis_is_down_are_applied_once_it_returns() {
     let nats = NatsServer::start();
     let mut redis = RedisServer::start_with(true);
     let worker = InProcessWorker::start(settings(&nats, Some(&redis), &[]), &nats).await;
+    let readyz = format!("http://{}/readyz", admin_address(&nats).await);
     let mut status = Watcher::subscribe(&nats, "opscore.status.>").await;
 
     let agents: Vec<AgentClient> = futures::future::join_all((0..10).map(|i| {
@@ -50,6 +51,8 @@ async fn events_published_while_redis_is_down_are_applied_once_it_returns() {
         agents.len() as u64,
         "no event acked while redis is down"
     );
+    let not_ready = http().get(&readyz).send().await.expect("readyz");
+    assert_eq!(not_ready.status().as_u16(), 503, "not ready while redis is down");
 
     redis.restart();
     for agent in &agents {
@@ -57,6 +60,8 @@ async fn events_published_while_redis_is_down_are_applied_once_it_returns() {
         assert_eq!(event["state"], "busy");
     }
     wait_until_quiet(&nats).await;
+    let ready = http().get(&readyz).send().await.expect("readyz");
+    assert_eq!(ready.status().as_u16(), 200, "ready once redis is back");
     for agent in &agents {
         assert_eq!(
             history_states(&nats, &agent.id).await,
