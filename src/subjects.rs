@@ -61,6 +61,16 @@ pub enum AgentEventKind {
 }
 
 impl AgentEventKind {
+    /// Every kind, in the order of the declaration.
+    pub const ALL: [Self; 6] = [
+        Self::Register,
+        Self::Deregister,
+        Self::State,
+        Self::Heartbeat,
+        Self::TaskProgress,
+        Self::TaskResult,
+    ];
+
     /// The subject suffix after the agent id.
     pub fn suffix(self) -> &'static str {
         match self {
@@ -172,14 +182,7 @@ mod tests {
 
     #[test]
     fn agent_event_subjects_round_trip() {
-        for kind in [
-            AgentEventKind::Register,
-            AgentEventKind::Deregister,
-            AgentEventKind::State,
-            AgentEventKind::Heartbeat,
-            AgentEventKind::TaskProgress,
-            AgentEventKind::TaskResult,
-        ] {
+        for kind in AgentEventKind::ALL {
             let subject = agent_event("agent-7", kind).expect("valid id");
             assert_eq!(parse_agent_event(&subject), Ok(("agent-7", kind)));
         }

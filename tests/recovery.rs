@@ -71,6 +71,22 @@ async fn assert_exactly_once(nats: &NatsServer, sessions: &[Value]) {
     }
 }
 
+/// Waits for a worker armed with a crash point to die there.
+async fn expect_crash(armed: ChildWorker, point: &str) {
+    let (status, armed) = tokio::task::spawn_blocking(move || {
+        let mut armed = armed;
+        (armed.wait(), armed)
+    })
+    .await
+    .expect("wait for the armed worker");
+    assert!(!status.success(), "the worker died at {point}");
+    let log = armed.log_text();
+    assert!(
+        log.contains(&format!("crash point {point} reached")),
+        "{log}"
+    );
+}
+
 async fn crash_and_recover(point: &str, after: &str) {
     let nats = NatsServer::start();
     let redis = RedisServer::start_with(true);
@@ -90,7 +106,7 @@ async fn crash_and_recover(point: &str, after: &str) {
     first.kill();
 
     // A worker armed to die at the crash point runs while the agents work.
-    let mut armed = ChildWorker::spawn(&quick(
+    let armed = ChildWorker::spawn(&quick(
         &nats,
         &redis,
         &[
@@ -100,21 +116,7 @@ async fn crash_and_recover(point: &str, after: &str) {
     ));
     let _a = AutoAgent::start(&nats, "first-step", &["test_capability"], 2).await;
     let _b = AutoAgent::start(&nats, "second-step", &["another_capability"], 2).await;
-    let status = tokio::task::spawn_blocking(move || {
-        let status = armed.wait();
-        (status, armed)
-    })
-    .await
-    .expect("wait for the armed worker");
-    let (status, armed) = status;
-    assert!(!status.success(), "the worker died at {point}");
-    assert!(
-        armed
-            .log_text()
-            .contains(&format!("crash point {point} reached")),
-        "{}",
-        armed.log_text()
-    );
+    expect_crash(armed, point).await;
 
     // A healthy worker finishes everything.
     let healthy = ChildWorker::spawn(&quick(&nats, &redis, &[]));
@@ -223,21 +225,7 @@ async fn a_legacy_report_redelivered_after_a_crash_still_completes_its_task() {
     });
     agent.agent.publish("state", done).await;
 
-    let status = tokio::task::spawn_blocking(move || {
-        let status = armed.wait();
-        (status, armed)
-    })
-    .await
-    .expect("wait for the armed worker");
-    let (status, armed) = status;
-    assert!(!status.success(), "the worker died at the crash point");
-    assert!(
-        armed
-            .log_text()
-            .contains("crash point before_legacy_task reached"),
-        "{}",
-        armed.log_text()
-    );
+    expect_crash(armed, "before_legacy_task").await;
 
     let _healthy = ChildWorker::spawn(&quick(&nats, &redis, &[]));
     let sessions = wait_for_sessions(&nats, &[session_id]).await;

@@ -52,7 +52,11 @@ async fn events_published_while_redis_is_down_are_applied_once_it_returns() {
         "no event acked while redis is down"
     );
     let not_ready = http().get(&readyz).send().await.expect("readyz");
-    assert_eq!(not_ready.status().as_u16(), 503, "not ready while redis is down");
+    assert_eq!(
+        not_ready.status().as_u16(),
+        503,
+        "not ready while redis is down"
+    );
 
     redis.restart();
     for agent in &agents {

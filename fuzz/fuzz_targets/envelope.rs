@@ -27,15 +27,6 @@ const LIMITS: [Limits; 2] = [
     },
 ];
 
-const KINDS: [AgentEventKind; 6] = [
-    AgentEventKind::Register,
-    AgentEventKind::Deregister,
-    AgentEventKind::State,
-    AgentEventKind::Heartbeat,
-    AgentEventKind::TaskProgress,
-    AgentEventKind::TaskResult,
-];
-
 fuzz_target!(|input: &[u8]| {
     let (subject, rest) = split_line(input);
     let (msg_id, payload) = split_line(rest);
@@ -51,7 +42,7 @@ fuzz_target!(|input: &[u8]| {
             assert!(subjects::is_valid_token(agent_id));
             vec![kind]
         }
-        Err(_) => KINDS.to_vec(),
+        Err(_) => AgentEventKind::ALL.to_vec(),
     };
 
     for limits in LIMITS {

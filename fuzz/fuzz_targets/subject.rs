@@ -7,15 +7,6 @@ use libfuzzer_sys::fuzz_target;
 use opscore::envelope::DeadLetterReason;
 use opscore::subjects::{self, AgentEventKind, InvalidToken, SubjectError};
 
-const KINDS: [AgentEventKind; 6] = [
-    AgentEventKind::Register,
-    AgentEventKind::Deregister,
-    AgentEventKind::State,
-    AgentEventKind::Heartbeat,
-    AgentEventKind::TaskProgress,
-    AgentEventKind::TaskResult,
-];
-
 fuzz_target!(|input: &[u8]| {
     let subject = String::from_utf8_lossy(input);
     check_parse(&subject);
@@ -65,7 +56,11 @@ fn check_parse(subject: &str) {
             // Either no kind follows the id, or the id is fine and the kind is unknown.
             if let Some((id, suffix)) = rest.split_once('.') {
                 assert!(subjects::is_valid_token(id));
-                assert!(KINDS.iter().all(|kind| kind.suffix() != suffix));
+                assert!(
+                    AgentEventKind::ALL
+                        .iter()
+                        .all(|kind| kind.suffix() != suffix)
+                );
             }
         }
     }
@@ -87,7 +82,7 @@ fn check_token(id: &str) {
         for subject in built {
             assert_eq!(subject, Err(InvalidToken(id.to_owned())));
         }
-        for kind in KINDS {
+        for kind in AgentEventKind::ALL {
             assert!(subjects::agent_event(id, kind).is_err());
         }
         return;
@@ -102,7 +97,7 @@ fn check_token(id: &str) {
         let subject = subject.expect("valid token");
         assert_eq!(subject.rsplit('.').next(), Some(id));
     }
-    for kind in KINDS {
+    for kind in AgentEventKind::ALL {
         let subject = subjects::agent_event(id, kind).expect("valid token");
         assert_eq!(subjects::parse_agent_event(&subject), Ok((id, kind)));
     }

@@ -125,11 +125,7 @@ async fn replay_agent_events<R: Repository>(
         .await
         .map_err(|e| read_error(e.to_string()))?;
     loop {
-        let message = tokio::time::timeout(READ_TIMEOUT, messages.next())
-            .await
-            .map_err(|_| read_error("no message within 10 s".to_owned()))?
-            .ok_or_else(|| read_error("the stream ended".to_owned()))?
-            .map_err(|e| read_error(e.to_string()))?;
+        let message = next(&mut messages, bus::EVENTS_STREAM).await?;
         let info = message.info().map_err(|e| read_error(e.to_string()))?;
         let stream_seq = info.stream_sequence;
         let is_task_report =
@@ -156,6 +152,19 @@ async fn replay_agent_events<R: Repository>(
             return Ok(());
         }
     }
+}
+
+/// The next message of an ordered read of `stream`, which must come within [`READ_TIMEOUT`].
+async fn next(
+    messages: &mut consumer::pull::Ordered,
+    stream: &'static str,
+) -> Result<jetstream::Message, RecoverError> {
+    let read_error = |message: String| RecoverError::Read { stream, message };
+    tokio::time::timeout(READ_TIMEOUT, messages.next())
+        .await
+        .map_err(|_| read_error(format!("no message within {READ_TIMEOUT:?}")))?
+        .ok_or_else(|| read_error("the stream ended".to_owned()))?
+        .map_err(|e| read_error(e.to_string()))
 }
 
 async fn replay<R: Repository>(
@@ -214,11 +223,7 @@ async fn fail_lost_sessions<R: Repository>(
         .await
         .map_err(|e| read_error(e.to_string()))?;
     for _ in 0..sessions {
-        let message = tokio::time::timeout(READ_TIMEOUT, messages.next())
-            .await
-            .map_err(|_| read_error("no message within 10 s".to_owned()))?
-            .ok_or_else(|| read_error("the stream ended".to_owned()))?
-            .map_err(|e| read_error(e.to_string()))?;
+        let message = next(&mut messages, bus::STATUS_STREAM).await?;
         let Ok(event) = serde_json::from_slice::<Value>(&message.payload) else {
             warn!(subject = %message.subject, "status message is not JSON; skipped");
             continue;
