@@ -6,6 +6,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer, stream};
 use async_nats::{ConnectOptions, HeaderMap};
 use futures::future::join_all;
+use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::config::{NatsSettings, Settings};
@@ -242,11 +243,43 @@ pub struct PublishFailed {
 #[derive(Debug, Clone)]
 pub struct Publisher {
     jetstream: jetstream::Context,
+    /// Where the ids of published outbox messages go to be removed in batches; without it,
+    /// each flush removes its own.
+    cleanup: Option<mpsc::Sender<String>>,
 }
+
+/// Outbox ids removed by one command, at most.
+const CLEANUP_BATCH: usize = 512;
 
 impl Publisher {
     pub fn new(jetstream: jetstream::Context) -> Self {
-        Self { jetstream }
+        Self {
+            jetstream,
+            cleanup: None,
+        }
+    }
+
+    /// Removes published outbox messages in batches from now on: one command for all the
+    /// messages published meanwhile instead of one per flush, off the path of the change
+    /// that committed them. The returned task ends, after its last batch, once every clone of
+    /// this publisher is dropped. A message published and not yet removed is harmless: the
+    /// sweeper would publish it again under the same `Nats-Msg-Id`, which JetStream drops.
+    pub fn with_outbox_cleanup<O>(mut self, outbox: O) -> (Self, tokio::task::JoinHandle<()>)
+    where
+        O: crate::repository::Outbox + Send + Sync + 'static,
+    {
+        let (sender, mut receiver) = mpsc::channel(CLEANUP_BATCH * 4);
+        let task = tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(CLEANUP_BATCH);
+            while receiver.recv_many(&mut batch, CLEANUP_BATCH).await > 0 {
+                if let Err(error) = outbox.remove_outbox(&batch).await {
+                    tracing::debug!(%error, "outbox cleanup failed; the sweeper will publish again");
+                }
+                batch.clear();
+            }
+        });
+        self.cleanup = Some(sender);
+        (self, task)
     }
 
     pub fn jetstream(&self) -> &jetstream::Context {
@@ -282,7 +315,19 @@ impl Publisher {
         if messages.is_empty() {
             return;
         }
-        let published = self.publish_outbox(messages).await;
+        let mut published = self.publish_outbox(messages).await;
+        if let Some(cleanup) = &self.cleanup {
+            // A full queue means removal lags: this flush removes its own, as without one.
+            while let Some(id) = published.pop() {
+                if let Err(error) = cleanup.try_send(id) {
+                    published.push(error.into_inner());
+                    break;
+                }
+            }
+        }
+        if published.is_empty() {
+            return;
+        }
         if let Err(error) = outbox.remove_outbox(&published).await {
             tracing::debug!(%error, "outbox cleanup failed; the sweeper will publish again");
         }

@@ -141,3 +141,50 @@ async fn two_worker_processes_share_the_consumer_and_apply_each_event_once() {
         AGENTS * (1 + 2 * REPORTS as usize)
     );
 }
+
+#[tokio::test]
+async fn published_status_messages_leave_the_outbox() {
+    let nats = NatsServer::start();
+    let redis = RedisServer::start();
+    let worker = InProcessWorker::start(settings(&nats, Some(&redis), &[]), &nats).await;
+    let mut status = Watcher::subscribe(&nats, "opscore.status.>").await;
+    let agent = AgentClient::new(&nats, "tidy").await;
+    agent.register(&["x"]).await;
+    for n in 1..=20 {
+        agent
+            .report(if n % 2 == 0 { "idle" } else { "busy" }, &ts(n))
+            .await;
+    }
+    for _ in 0..21 {
+        status
+            .expect("a transition of tidy", |subject, _| {
+                subject == "opscore.status.agent.tidy"
+            })
+            .await;
+    }
+
+    // Every message was published, so each leaves the outbox, removed in batches after its
+    // publish. The sweeper would take the ones left only after their 5 s grace: the outbox
+    // must be empty before that.
+    let mut connection = redis.connection().await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(4);
+    loop {
+        let (kept, due): (u64, u64) = redis::pipe()
+            .cmd("HLEN")
+            .arg("opscore:outbox")
+            .cmd("ZCARD")
+            .arg("opscore:outbox:due")
+            .query_async(&mut connection)
+            .await
+            .expect("outbox size");
+        if (kept, due) == (0, 0) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "outbox still holds {kept} messages ({due} due)"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    worker.stop().await;
+}

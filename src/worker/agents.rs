@@ -16,12 +16,13 @@ use crate::repository::{AgentCommit, CommitOutcome, Repository, RepositoryError,
 const MAX_CAS_ATTEMPTS: usize = 16;
 
 /// How a command ended once storage answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CommandOutcome {
-    /// `available`: the change made the agent able to take tasks (registered, reported idle
-    /// or active, came back online), so waiting tasks should be placed.
+    /// `available`: the agent's capabilities when the change made it able to take tasks
+    /// (registered, reported idle or active, came back online), so that tasks waiting for
+    /// them are placed; `None` otherwise.
     Applied {
-        available: bool,
+        available: Option<Vec<String>>,
     },
     Stale,
     /// The event id was applied before; nothing changed.
@@ -121,7 +122,7 @@ impl<R: Repository> Agents<R> {
                     self.flush(&messages).await;
                     crate::faults::crash_point("after_publish");
                     let agent = &change.agent;
-                    let available = agent.is_alive()
+                    let available = (agent.is_alive()
                         && agent.state.accepts_tasks()
                         && change.transitions.iter().any(|t| {
                             matches!(
@@ -130,7 +131,8 @@ impl<R: Repository> Agents<R> {
                                     | TransitionKind::StateChanged
                                     | TransitionKind::Online
                             )
-                        });
+                        }))
+                    .then(|| agent.capabilities.clone());
                     return Ok(match change.applied {
                         Applied::Applied => CommandOutcome::Applied { available },
                         Applied::Stale => CommandOutcome::Stale,

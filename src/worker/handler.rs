@@ -232,8 +232,8 @@ impl<R: Repository> Handler<R> {
     ) -> Result<Outcome, Rejected> {
         Ok(match result {
             Ok(CommandOutcome::Applied { available }) => {
-                if available {
-                    self.sessions.agent_available(agent_id).await;
+                if let Some(capabilities) = available {
+                    self.sessions.agent_available(&capabilities).await;
                 }
                 Outcome::Applied
             }

@@ -106,6 +106,9 @@ pub fn repository_options(settings: &Settings) -> RepositoryOptions {
     }
 }
 
+/// How long the outbox cleanup may take to finish at shutdown.
+const CLEANUP_GRACE: Duration = Duration::from_secs(2);
+
 /// Runs the worker until `shutdown` is cancelled, then drains within the grace period.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), StartError> {
     match settings.storage.backend {
@@ -149,7 +152,7 @@ pub async fn run_with<R: Repository>(
         "streams and consumer ready"
     );
 
-    let publisher = Publisher::new(jetstream);
+    let (publisher, cleanup) = Publisher::new(jetstream).with_outbox_cleanup(repository.clone());
     let liveness = chrono::Duration::seconds(settings.agents.liveness_timeout_secs as i64);
     let agents = Agents::new(repository.clone(), publisher.clone(), liveness);
     let sessions = Sessions::new(repository.clone(), publisher.clone());
@@ -242,6 +245,13 @@ pub async fn run_with<R: Repository>(
     info!("opscore is running");
 
     while tasks.join_next().await.is_some() {}
+    // The loops are gone, and with them every clone of the publisher: the cleanup removes
+    // its last batch and ends. What it cannot remove in time the sweeper republishes later,
+    // as duplicates JetStream drops.
+    drop(publisher);
+    if tokio::time::timeout(CLEANUP_GRACE, cleanup).await.is_err() {
+        info!("outbox cleanup unfinished at shutdown");
+    }
     // Pending publishes (acks and naks) leave before the connection closes.
     if let Err(error) = client.flush().await {
         info!(%error, "nats flush at shutdown failed");

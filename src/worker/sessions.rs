@@ -102,7 +102,8 @@ pub enum Report {
 #[derive(Debug, Default)]
 struct FollowUps {
     sessions: BTreeSet<String>,
-    agents: BTreeSet<String>,
+    /// Capabilities of agents that can take more tasks now: sessions waiting for them.
+    capabilities: BTreeSet<String>,
 }
 
 /// Sessions as the worker runs them.
@@ -182,7 +183,7 @@ impl<R: Repository> Sessions<R> {
         crate::faults::crash_point("after_publish");
         self.follow_up(FollowUps {
             sessions: BTreeSet::from([session_id.clone()]),
-            agents: BTreeSet::new(),
+            capabilities: BTreeSet::new(),
         })
         .await;
         Ok(Triggered {
@@ -278,11 +279,12 @@ impl<R: Repository> Sessions<R> {
         Ok(outcome)
     }
 
-    /// Places the ready tasks of sessions waiting for the capabilities of `agent_id`.
-    pub async fn agent_available(&self, agent_id: &str) {
+    /// Places the ready tasks of sessions waiting for `capabilities`, those of an agent that
+    /// became able to take tasks.
+    pub async fn agent_available(&self, capabilities: &[String]) {
         self.follow_up(FollowUps {
             sessions: BTreeSet::new(),
-            agents: BTreeSet::from([agent_id.to_owned()]),
+            capabilities: capabilities.iter().cloned().collect(),
         })
         .await;
     }
@@ -440,9 +442,16 @@ impl<R: Repository> Sessions<R> {
                     crate::faults::crash_point("after_commit");
                     self.publisher.flush(&self.repository, &change.outbox).await;
                     crate::faults::crash_point("after_publish");
+                    // Every released agent was read into the change to release its lease.
+                    let capabilities = change
+                        .released
+                        .iter()
+                        .filter_map(|agent_id| change.agents.get(agent_id))
+                        .flat_map(|(agent, _)| agent.capabilities.iter().cloned())
+                        .collect();
                     let follow_ups = FollowUps {
                         sessions: BTreeSet::from([session_id.to_owned()]),
-                        agents: change.released.clone(),
+                        capabilities,
                     };
                     self.follow_up(follow_ups).await;
                     return Ok(SessionOutcome::Applied);
@@ -456,28 +465,18 @@ impl<R: Repository> Sessions<R> {
         Ok(SessionOutcome::Contended)
     }
 
-    /// Places the ready tasks of the given sessions and of the sessions waiting for the
-    /// capabilities of the given agents. Failures are left to the reconciler.
+    /// Places the ready tasks of the given sessions and of the sessions waiting for the given
+    /// capabilities. Failures are left to the reconciler.
     async fn follow_up(&self, follow_ups: FollowUps) {
         let mut sessions: VecDeque<String> = follow_ups.sessions.into_iter().collect();
-        for agent_id in follow_ups.agents {
-            let agent = match self.repository.load(&agent_id).await {
-                Ok(Some(record)) => record.value,
-                Ok(None) => continue,
-                Err(error) => {
-                    debug!(%error, agent_id, "cannot load agent for placement");
-                    continue;
-                }
-            };
-            for capability in &agent.capabilities {
-                match self
-                    .repository
-                    .waiting_sessions(capability, WAITING_BATCH)
-                    .await
-                {
-                    Ok(waiting) => sessions.extend(waiting),
-                    Err(error) => debug!(%error, capability, "cannot read waiting sessions"),
-                }
+        for capability in &follow_ups.capabilities {
+            match self
+                .repository
+                .waiting_sessions(capability, WAITING_BATCH)
+                .await
+            {
+                Ok(waiting) => sessions.extend(waiting),
+                Err(error) => debug!(%error, capability, "cannot read waiting sessions"),
             }
         }
         let mut seen = BTreeSet::new();
