@@ -14,7 +14,8 @@ use crate::workflow::{Session, SessionStatus, Timer, WorkflowDefinition};
 #[derive(Debug, Clone)]
 pub struct SessionCommit<'a> {
     pub session: &'a Session,
-    /// 0 creates the session.
+    /// 0 creates the session. A committed session's version is this one plus one, as is a
+    /// committed agent's.
     pub expected_version: u64,
     /// Agent records changed with it (leases reserved or released), each compare-and-set.
     pub agents: Vec<(&'a Agent, u64)>,

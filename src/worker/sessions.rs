@@ -101,6 +101,9 @@ pub enum Report {
 /// What to do after a commit.
 #[derive(Debug, Default)]
 struct FollowUps {
+    /// The session just committed, as committed: its placement starts from it instead of
+    /// reading it back.
+    committed: Option<Versioned<Session>>,
     sessions: BTreeSet<String>,
     /// Capabilities of agents that can take more tasks now: sessions waiting for them.
     capabilities: BTreeSet<String>,
@@ -182,6 +185,10 @@ impl<R: Repository> Sessions<R> {
         self.publisher.flush(&self.repository, &change.outbox).await;
         crate::faults::crash_point("after_publish");
         self.follow_up(FollowUps {
+            committed: Some(Versioned {
+                version: 1,
+                value: change.session,
+            }),
             sessions: BTreeSet::from([session_id.clone()]),
             capabilities: BTreeSet::new(),
         })
@@ -271,7 +278,7 @@ impl<R: Repository> Sessions<R> {
                 })
                 .await?
             }
-            TimerKind::Backoff { .. } => self.place(&timer.session_id, &key).await?.0,
+            TimerKind::Backoff { .. } => self.place(&timer.session_id, &key, None).await?.0,
         };
         if outcome == SessionOutcome::NotFound {
             self.repository.clear_timers(&key).await?;
@@ -283,6 +290,7 @@ impl<R: Repository> Sessions<R> {
     /// became able to take tasks.
     pub async fn agent_available(&self, capabilities: &[String]) {
         self.follow_up(FollowUps {
+            committed: None,
             sessions: BTreeSet::new(),
             capabilities: capabilities.iter().cloned().collect(),
         })
@@ -292,20 +300,27 @@ impl<R: Repository> Sessions<R> {
     /// Places the ready tasks of a session: each goes to the least recently assigned eligible
     /// agent, or records why it waits. Returns how many tasks were dispatched.
     pub async fn schedule(&self, session_id: &str) -> Result<usize, RepositoryError> {
-        let (_, dispatched) = self.place(session_id, &[]).await?;
+        let (_, dispatched) = self.place(session_id, &[], None).await?;
         Ok(dispatched)
     }
 
+    /// Places the ready tasks of `session_id`, starting from `known` when the caller has just
+    /// committed it (a stale one only costs a conflict and a read).
     async fn place(
         &self,
         session_id: &str,
         timers_fired: &[String],
+        mut known: Option<Versioned<Session>>,
     ) -> Result<(SessionOutcome, usize), RepositoryError> {
         let mut total = 0;
         let mut timers_fired = timers_fired;
         for attempt in 0..MAX_ATTEMPTS {
-            let Some(record) = self.repository.load_session(session_id).await? else {
-                return Ok((SessionOutcome::NotFound, total));
+            let record = match known.take() {
+                Some(record) => record,
+                None => match self.repository.load_session(session_id).await? {
+                    Some(record) => record,
+                    None => return Ok((SessionOutcome::NotFound, total)),
+                },
             };
             let now = Utc::now();
             let ready = record.value.ready_tasks(now);
@@ -450,6 +465,10 @@ impl<R: Repository> Sessions<R> {
                         .flat_map(|(agent, _)| agent.capabilities.iter().cloned())
                         .collect();
                     let follow_ups = FollowUps {
+                        committed: Some(Versioned {
+                            version: change.version + 1,
+                            value: change.session,
+                        }),
                         sessions: BTreeSet::from([session_id.to_owned()]),
                         capabilities,
                     };
@@ -468,6 +487,7 @@ impl<R: Repository> Sessions<R> {
     /// Places the ready tasks of the given sessions and of the sessions waiting for the given
     /// capabilities. Failures are left to the reconciler.
     async fn follow_up(&self, follow_ups: FollowUps) {
+        let mut committed = follow_ups.committed;
         let mut sessions: VecDeque<String> = follow_ups.sessions.into_iter().collect();
         for capability in &follow_ups.capabilities {
             match self
@@ -486,7 +506,8 @@ impl<R: Repository> Sessions<R> {
             .map(|session_id| (session_id, 0))
             .collect();
         while let Some((session_id, round)) = queue.pop_front() {
-            match self.place(&session_id, &[]).await {
+            let known = committed.take_if(|record| record.value.session_id == session_id);
+            match self.place(&session_id, &[], known).await {
                 Ok((SessionOutcome::Contended, _)) if round < CONTENDED_ROUNDS => {
                     // Every attempt lost a race for an agent record: other placements hold
                     // the agents this session's tasks want. Step back for a random moment so
