@@ -297,8 +297,9 @@ impl<R: Repository> Sessions<R> {
         .await;
     }
 
-    /// Places the ready tasks of a session: each goes to the least recently assigned eligible
-    /// agent, or records why it waits. Returns how many tasks were dispatched.
+    /// Places the ready tasks of a session: each goes to one of the least recently assigned
+    /// eligible agents ([`choose_agent`]), or records why it waits. Returns how many tasks
+    /// were dispatched.
     pub async fn schedule(&self, session_id: &str) -> Result<usize, RepositoryError> {
         let (_, dispatched) = self.place(session_id, &[], None).await?;
         Ok(dispatched)
