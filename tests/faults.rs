@@ -216,6 +216,85 @@ async fn nats_killed_and_restarted_with_its_store_loses_no_acknowledged_event() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_killed_while_agents_publish_loses_nothing() {
+    let mut nats = NatsServer::start();
+    let redis = RedisServer::start();
+    // Messages the old server handed to the worker's pull come back after the ack wait.
+    let worker = InProcessWorker::start(
+        settings(
+            &nats,
+            Some(&redis),
+            &[("OPSCORE__WORKER__ACK_WAIT_SECS", "2")],
+        ),
+        &nats,
+    )
+    .await;
+    let mut status = Watcher::subscribe(&nats, "opscore.status.>").await;
+    let agents = register(&nats, &mut status, "p", 10).await;
+
+    // Publishers as careful agents write them: each report has its own `Nats-Msg-Id` and is
+    // published again, with the same id, until JetStream acknowledges it.
+    const REPORTS: i64 = 20;
+    let publishers: Vec<_> = agents
+        .iter()
+        .map(|agent| {
+            let id = agent.id.clone();
+            let url = nats.url();
+            tokio::spawn(async move {
+                let client = async_nats::ConnectOptions::new()
+                    .retry_on_initial_connect()
+                    .connect(url)
+                    .await
+                    .expect("connect");
+                let jetstream = async_nats::jetstream::new(client);
+                for report in 1..=REPORTS {
+                    let state = if report % 2 == 0 { "idle" } else { "busy" };
+                    let body = json!({"agentId": id, "state": state, "timestamp": ts(report)});
+                    let mut headers = async_nats::HeaderMap::new();
+                    headers.insert("Nats-Msg-Id", format!("{id}-{report}").as_str());
+                    loop {
+                        let stored = match jetstream
+                            .publish_with_headers(
+                                format!("opscore.agent.{id}.state"),
+                                headers.clone(),
+                                body.to_string().into(),
+                            )
+                            .await
+                        {
+                            Ok(ack) => ack.await.is_ok(),
+                            Err(_) => false,
+                        };
+                        if stored {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+        })
+        .collect();
+
+    // The server dies while the reports flow, and comes back with its store.
+    status
+        .expect("some reports applied", |_, body| {
+            body["data"]["kind"] == "state_changed"
+        })
+        .await;
+    nats.kill();
+    nats.restart();
+    for publisher in publishers {
+        tokio::time::timeout(Duration::from_secs(60), publisher)
+            .await
+            .expect("publishers finish once the server is back")
+            .expect("publisher");
+    }
+    wait_until_quiet(&nats).await;
+    assert_applied_once(&nats, &agents, REPORTS as usize).await;
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_of_three_workers_killed_under_load_loses_no_update() {
     let nats = NatsServer::start();
     let redis = RedisServer::start();
