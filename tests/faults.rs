@@ -35,6 +35,18 @@ async fn wait_for_status(url: &str, status: u16, limit: Duration) {
     }
 }
 
+/// The Prometheus text a worker's `/metrics` serves.
+async fn metrics_text(url: &str) -> String {
+    http()
+        .get(url)
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body")
+}
+
 /// Registers `count` agents and waits until the worker applied each registration.
 async fn register(
     nats: &NatsServer,
@@ -412,14 +424,7 @@ async fn redis_restarted_empty_is_detected_reported_and_recovered() {
     redis.restart();
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let text = http()
-            .get(&metrics)
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("body");
+        let text = metrics_text(&metrics).await;
         if text.lines().any(|line| {
             line.starts_with("opscore_storage_data_loss_total ") && !line.ends_with(" 0")
         }) {
@@ -551,14 +556,7 @@ async fn a_monitor_that_stops_reading_never_stalls_the_worker() {
         }
     }
     // The worker's own account: every event applied, none stale, duplicate or dead lettered.
-    let text = http()
-        .get(&metrics)
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("body");
+    let text = metrics_text(&metrics).await;
     let events = |outcome: &str| {
         let series = format!("opscore_events_total{{outcome=\"{outcome}\"}} ");
         text.lines()
