@@ -170,3 +170,159 @@ async fn no_secret_reaches_the_logs() {
         assert!(!log.contains(secret), "a secret in the log:\n{log}");
     }
 }
+
+/// Makes a CA and, signed by it, a certificate for `name` valid for 127.0.0.1, with openssl.
+/// Returns the paths of the CA certificate, the certificate and its key.
+fn certificates(dir: &std::path::Path, name: &str) -> (String, String, String) {
+    let run = |args: &[&str]| {
+        let status = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl on PATH");
+        assert!(status.success(), "openssl {args:?}");
+    };
+    if !dir.join("ca.pem").exists() {
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=opscore test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ]);
+    }
+    let (key, csr, cert) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.pem"),
+    );
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        &format!("/CN={name}"),
+        "-keyout",
+        &key,
+        "-out",
+        &csr,
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+    )
+    .expect("extensions");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        &csr,
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        &cert,
+    ]);
+    let path = |file: &str| dir.join(file).display().to_string();
+    (path("ca.pem"), path(&cert), path(&key))
+}
+
+#[tokio::test]
+async fn the_worker_connects_over_mutual_tls() {
+    let dir = tempfile::TempDir::new().expect("certificate dir");
+    let (ca, server_cert, server_key) = certificates(dir.path(), "server");
+    let (_, client_cert, client_key) = certificates(dir.path(), "client");
+    let nats = NatsServer::start_with_config(
+        &format!(
+            "jetstream {{\n  store_dir: \"js\"\n}}\ntls {{\n  cert_file: {server_cert:?}\n  key_file: {server_key:?}\n  ca_file: {ca:?}\n  verify: true\n}}\n"
+        ),
+        &[],
+    );
+    let redis = RedisServer::start();
+    let client = async_nats::ConnectOptions::new()
+        .require_tls(true)
+        .add_root_certificates(ca.clone().into())
+        .add_client_certificate(client_cert.clone().into(), client_key.clone().into())
+        .connect(nats.url())
+        .await
+        .expect("a client with a certificate connects");
+
+    // Without a certificate the server turns a client away; under TLS 1.3 that happens after
+    // the handshake, so the sign is that the client never reaches the server, where a
+    // connected one would at once be told that no one serves a subject.
+    let without_certificate = async_nats::ConnectOptions::new()
+        .require_tls(true)
+        .add_root_certificates(ca.clone().into())
+        .connect(nats.url())
+        .await;
+    if let Ok(stranger) = without_certificate {
+        let answer = tokio::time::timeout(
+            Duration::from_secs(2),
+            stranger.request("opscore.nobody.serves.this", "".into()),
+        )
+        .await;
+        let reached = matches!(
+            answer,
+            Ok(Err(ref error)) if error.kind() == async_nats::RequestErrorKind::NoResponders
+        );
+        assert!(!reached, "the server demands a client certificate");
+    }
+
+    let worker = InProcessWorker::start_as(
+        settings(
+            &nats,
+            Some(&redis),
+            &[
+                ("OPSCORE__NATS__TLS_REQUIRED", "true"),
+                ("OPSCORE__NATS__TLS_CA_FILE", &ca),
+                ("OPSCORE__NATS__TLS_CERT_FILE", &client_cert),
+                ("OPSCORE__NATS__TLS_KEY_FILE", &client_key),
+            ],
+        ),
+        &client,
+    )
+    .await;
+    publish(
+        &client,
+        "opscore.agent.secure.register".to_owned(),
+        registration("secure", &["x"]),
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let reply = client
+            .request(
+                "opscore.api.agent.get",
+                json!({"agentId": "secure"}).to_string().into(),
+            )
+            .await
+            .expect("agent.get over TLS");
+        let body: serde_json::Value = serde_json::from_slice(&reply.payload).expect("json");
+        if body["agentId"] == "secure" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never registered: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    worker.stop().await;
+}
