@@ -326,3 +326,57 @@ async fn the_worker_connects_over_mutual_tls() {
     }
     worker.stop().await;
 }
+
+/// Starts a worker authenticated by `auth` (environment overrides) against a server whose
+/// configuration holds `authorization`, and checks it serves; `client` connects as the test.
+async fn serves_with(
+    authorization: &str,
+    auth: &[(&str, &str)],
+    client: async_nats::ConnectOptions,
+) {
+    let nats = NatsServer::start_with_config(
+        &format!("jetstream {{\n  store_dir: \"js\"\n}}\n{authorization}\n"),
+        &[],
+    );
+    let redis = RedisServer::start();
+    assert!(
+        async_nats::connect(nats.url()).await.is_err(),
+        "the server refuses clients without credentials"
+    );
+    let client = client.connect(nats.url()).await.expect("the test connects");
+    let worker = InProcessWorker::start_as(settings(&nats, Some(&redis), auth), &client).await;
+    let reply = client
+        .request("opscore.api.agent.list", json!({}).to_string().into())
+        .await
+        .expect("agent.list answers");
+    let body: serde_json::Value = serde_json::from_slice(&reply.payload).expect("json");
+    assert!(body["agents"].is_array(), "{body}");
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn the_worker_authenticates_with_a_token() {
+    serves_with(
+        "authorization {\n  token: \"token-5d21\"\n}",
+        &[("OPSCORE__NATS__TOKEN", "token-5d21")],
+        async_nats::ConnectOptions::with_token("token-5d21".to_owned()),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn the_worker_authenticates_with_an_nkey() {
+    let worker_key = nkeys::KeyPair::new_user();
+    let test_key = nkeys::KeyPair::new_user();
+    let seed = worker_key.seed().expect("seed");
+    serves_with(
+        &format!(
+            "authorization {{\n  users: [\n    {{ nkey: {:?} }}\n    {{ nkey: {:?} }}\n  ]\n}}",
+            worker_key.public_key(),
+            test_key.public_key()
+        ),
+        &[("OPSCORE__NATS__NKEY_SEED", &seed)],
+        async_nats::ConnectOptions::with_nkey(test_key.seed().expect("seed")),
+    )
+    .await;
+}
