@@ -380,3 +380,42 @@ async fn the_worker_authenticates_with_an_nkey() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn the_worker_uses_a_redis_acl_user() {
+    let nats = NatsServer::start();
+    // The default user is off: only `opscore` with its password may do anything.
+    let redis = RedisServer::start_with_args(
+        false,
+        &[
+            "--user",
+            "default",
+            "off",
+            "--user",
+            "opscore",
+            "on",
+            ">redis-secret-0c9e",
+            "~*",
+            "&*",
+            "+@all",
+        ],
+    );
+    let mut anonymous = redis.connection().await;
+    let refused: Result<String, _> = redis::cmd("PING").query_async(&mut anonymous).await;
+    assert!(refused.is_err(), "redis refuses the default user");
+
+    let url = format!(
+        "redis://opscore:redis-secret-0c9e@127.0.0.1:{}/0",
+        redis.port
+    );
+    let worker = InProcessWorker::start(
+        settings(&nats, Some(&redis), &[("OPSCORE__REDIS__URL", &url)]),
+        &nats,
+    )
+    .await;
+    let mut status = Watcher::subscribe(&nats, "opscore.status.>").await;
+    let agent = AgentClient::new(&nats, "acl").await;
+    agent.register(&["x"]).await;
+    status.agent_event("acl", "registered").await;
+    worker.stop().await;
+}

@@ -147,6 +147,8 @@ pub struct RedisServer {
     pub port: u16,
     dir: TempDir,
     append_only: bool,
+    /// Further command-line settings, such as ACL users.
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
@@ -157,10 +159,16 @@ impl RedisServer {
 
     /// With `append_only`, data survives [`RedisServer::restart`].
     pub fn start_with(append_only: bool) -> Self {
+        Self::start_with_args(append_only, &[])
+    }
+
+    /// With further redis-server settings on its command line.
+    pub fn start_with_args(append_only: bool, extra: &[&str]) -> Self {
         let mut server = Self {
             port: free_port(),
             dir: TempDir::new().expect("redis dir"),
             append_only,
+            extra: extra.iter().map(|arg| (*arg).to_owned()).collect(),
             child: None,
         };
         server.spawn();
@@ -182,6 +190,7 @@ impl RedisServer {
             .args(["--appendfsync", "always"])
             .arg("--dir")
             .arg(self.dir.path())
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
