@@ -99,32 +99,28 @@ async fn replay_agent_events<R: Repository>(
         stream: bus::EVENTS_STREAM,
         message,
     };
-    let mut stream = jetstream
+    let stream = jetstream
         .get_stream(bus::EVENTS_STREAM)
         .await
         .map_err(|e| read_error(e.to_string()))?;
-    // Events published from now on reach the workers as usual; the replay stops here.
-    let last = stream
-        .info()
-        .await
-        .map_err(|e| read_error(e.to_string()))?
-        .state
-        .last_sequence;
-    if last == 0 {
-        return Ok(());
-    }
-    let consumer = stream
+    let mut consumer = stream
         .create_consumer(consumer::pull::OrderedConfig {
             deliver_policy: consumer::DeliverPolicy::All,
             ..Default::default()
         })
         .await
         .map_err(|e| read_error(e.to_string()))?;
+    // What the stream holds now; events published later reach the workers as usual.
+    let held = consumer
+        .info()
+        .await
+        .map_err(|e| read_error(e.to_string()))?
+        .num_pending;
     let mut messages = consumer
         .messages()
         .await
         .map_err(|e| read_error(e.to_string()))?;
-    loop {
+    for _ in 0..held {
         let message = next(&mut messages, bus::EVENTS_STREAM).await?;
         let info = message.info().map_err(|e| read_error(e.to_string()))?;
         let stream_seq = info.stream_sequence;
@@ -148,10 +144,8 @@ async fn replay_agent_events<R: Repository>(
             };
             replay(handler, &delivery, recovery).await?;
         }
-        if stream_seq >= last {
-            return Ok(());
-        }
     }
+    Ok(())
 }
 
 /// The next message of an ordered read of `stream`, which must come within [`READ_TIMEOUT`].
