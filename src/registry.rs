@@ -81,8 +81,7 @@ impl Transition {
         // The agent id was validated as a token before any record was created.
         let subject = subjects::agent_status(&self.agent_id)
             .unwrap_or_else(|_| format!("opscore.status.agent.invalid-{}", self.seq));
-        let data = serde_json::to_value(self).unwrap_or(Value::Null);
-        OutboxMessage::cloudevent(id, subject, self.kind.event_type(), self.timestamp, data)
+        OutboxMessage::cloudevent(id, subject, self.kind.event_type(), self.timestamp, self)
     }
 }
 

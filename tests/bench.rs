@@ -106,12 +106,14 @@ async fn every_scenario_runs_and_its_figures_add_up() {
         "1,4",
         "--bridge-requests",
         "60",
+        "--relay-binary",
+        env!("CARGO_BIN_EXE_opscore-bench"),
     ]);
     let report = opscore::bench::run(cli.options)
         .await
         .expect("the run completes");
     assert!(report.machine.nproc >= 1);
-    assert_eq!(report.scenarios.len(), 5, "{report}");
+    assert_eq!(report.scenarios.len(), 6, "{report}");
 
     for scenario in &report.scenarios {
         match scenario {
@@ -143,6 +145,17 @@ async fn every_scenario_runs_and_its_figures_add_up() {
                     assert_workflow("scaleout workflow", &step.workflow);
                 }
                 assert!(scaleout.ingest_speedup.is_some());
+            }
+            ScenarioReport::Floor(floor) => {
+                assert_ingest("floor relay", &floor.relay);
+                assert_ingest("floor in-memory", &floor.memory);
+                assert_ingest("floor redis", &floor.redis);
+                let relay_cpu = floor.relay.observed.cpu.as_ref().expect("cpu read");
+                assert!(
+                    relay_cpu.processes.iter().any(|p| p.name == "relay#0"),
+                    "the relay's CPU is accounted: {relay_cpu:?}"
+                );
+                assert!(floor.memory_over_relay.is_some() && floor.redis_over_relay.is_some());
             }
             ScenarioReport::Bridge(bridge) => {
                 let concurrency: Vec<usize> = bridge.phases.iter().map(|p| p.concurrency).collect();

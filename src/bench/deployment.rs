@@ -9,7 +9,7 @@ use tracing::debug;
 use super::metrics::{self, Metrics};
 use super::probe::{CpuWindow, RssSampler};
 use super::report::Observed;
-use super::workers::{self, WorkerSet};
+use super::workers::{self, Program, WorkerSet};
 use super::{BenchError, Context};
 use crate::bus;
 
@@ -35,9 +35,17 @@ impl Deployment {
         extra: &[(&str, String)],
     ) -> Result<Self, BenchError> {
         let set = match &context.spawn {
-            Some(spawn) => {
-                Some(WorkerSet::start(spawn, count, label, extra, &context.control).await?)
-            }
+            Some(spawn) => Some(
+                WorkerSet::start(
+                    spawn,
+                    Program::Worker,
+                    count,
+                    label,
+                    extra,
+                    &context.control,
+                )
+                .await?,
+            ),
             None => None,
         };
         let serving = workers::gather(&context.control, "$SRV.PING.opscore")
@@ -56,6 +64,21 @@ impl Deployment {
         })
     }
 
+    /// Spawns one relay in place of a worker (see [`super::relay`]); needs `--spawn-worker`,
+    /// whose settings it shares.
+    pub(crate) async fn relay(context: &Context, label: &str) -> Result<Self, BenchError> {
+        let spawn = context
+            .spawn
+            .as_ref()
+            .ok_or_else(|| BenchError::Usage("the relay needs --spawn-worker".to_owned()))?;
+        let set = WorkerSet::start(spawn, Program::Relay, 1, label, &[], &context.control).await?;
+        Ok(Self {
+            set: Some(set),
+            admin: Vec::new(),
+            workers: 1,
+        })
+    }
+
     /// Process ids of the spawned workers (none for an external worker).
     pub(crate) fn pids(&self) -> Vec<u32> {
         self.set.as_ref().map(WorkerSet::pids).unwrap_or_default()
@@ -63,11 +86,15 @@ impl Deployment {
 
     /// Every process whose CPU the harness can account for.
     fn processes(&self, context: &Context) -> Vec<(String, u32)> {
+        let program = self
+            .set
+            .as_ref()
+            .map_or(Program::Worker, WorkerSet::program);
         let mut processes: Vec<(String, u32)> = self
             .pids()
             .into_iter()
             .enumerate()
-            .map(|(n, pid)| (format!("opscore#{n}"), pid))
+            .map(|(n, pid)| (format!("{}#{n}", program.label()), pid))
             .collect();
         processes.extend(context.servers.iter().cloned());
         processes.push(("opscore-bench".to_owned(), std::process::id()));

@@ -12,11 +12,13 @@ mod agents;
 mod bridge;
 mod ceiling;
 mod deployment;
+mod floor;
 mod ingest;
 pub mod metrics;
 pub mod probe;
 mod publish;
 mod registry;
+pub mod relay;
 pub mod report;
 mod scaleout;
 mod servers;
@@ -46,6 +48,7 @@ pub enum Scenario {
     Registry,
     Scaleout,
     Bridge,
+    Floor,
     All,
 }
 
@@ -137,6 +140,9 @@ pub struct Options {
     /// Bridge: state reports posted in each phase.
     #[arg(long, default_value_t = 20_000)]
     pub bridge_requests: u64,
+    /// Floor: the `opscore-bench` binary that serves as the relay; by default this one.
+    #[arg(long, value_name = "PATH_TO_OPSCORE_BENCH")]
+    pub relay_binary: Option<PathBuf>,
 }
 
 /// Why a run could not complete.
@@ -211,11 +217,14 @@ impl Context {
 pub async fn run(options: Options) -> Result<Report, BenchError> {
     let started = Instant::now();
     let started_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    if matches!(options.scenario, Scenario::Scaleout | Scenario::Bridge)
-        && options.spawn_worker.is_none()
+    if matches!(
+        options.scenario,
+        Scenario::Scaleout | Scenario::Bridge | Scenario::Floor
+    ) && options.spawn_worker.is_none()
     {
         return Err(BenchError::Usage(
-            "the scaleout and bridge scenarios start their own processes: give --spawn-worker"
+            "the scaleout, bridge and floor scenarios start their own processes: give \
+             --spawn-worker"
                 .to_owned(),
         ));
     }
@@ -263,6 +272,7 @@ async fn run_with(
         run_id: run_id.clone(),
         log_dir: dir.to_owned(),
         log_level: options.worker_log.clone(),
+        relay_binary: options.relay_binary.clone(),
     });
     if let Some(spawn) = &spawn {
         spawn.prepare(&control).await?;
@@ -335,6 +345,13 @@ async fn run_scenarios(context: &Context) -> Result<Vec<ScenarioReport>, BenchEr
             reports.push(ScenarioReport::Bridge(bridge::run(context).await?));
         } else {
             info!("bridge skipped: it needs --spawn-worker");
+        }
+    }
+    if wants(Scenario::Floor) {
+        if context.spawn.is_some() {
+            reports.push(ScenarioReport::Floor(Box::new(floor::run(context).await?)));
+        } else {
+            info!("floor skipped: it needs --spawn-worker");
         }
     }
     Ok(reports)

@@ -36,6 +36,7 @@ pub enum ScenarioReport {
     Registry(RegistryReport),
     Scaleout(ScaleoutReport),
     Bridge(BridgeReport),
+    Floor(Box<FloorReport>),
 }
 
 /// JetStream publish-with-ack throughput of state-report-sized messages.
@@ -183,6 +184,21 @@ pub struct ScaleoutReport {
     /// Applied events per second with two workers over one.
     pub ingest_speedup: Option<f64>,
     pub workflow_speedup: Option<f64>,
+}
+
+/// Scenario 6: the ingest saturation phase against processes doing more and more of the work.
+#[derive(Debug, Clone, Serialize)]
+pub struct FloorReport {
+    pub ceiling: Ceiling,
+    /// The relay: opscore's intake and the status publish, nothing applied, nothing stored.
+    pub relay: IngestPhase,
+    /// The worker with the in-memory repository.
+    pub memory: IngestPhase,
+    /// The worker with Redis, as deployed.
+    pub redis: IngestPhase,
+    /// Applied events per second of each worker over the relay's.
+    pub memory_over_relay: Option<f64>,
+    pub redis_over_relay: Option<f64>,
 }
 
 /// One phase of the bridge scenario.
@@ -544,6 +560,30 @@ impl Display for Report {
                     for phase in &r.phases {
                         write!(f, "{phase}")?;
                     }
+                }
+                ScenarioReport::Floor(r) => {
+                    writeln!(
+                        f,
+                        "== floor: ingest saturation against less and more of opscore"
+                    )?;
+                    write!(f, "{}", r.ceiling)?;
+                    writeln!(f, "  -- relay: the intake and the bus, nothing applied")?;
+                    write!(f, "{}", r.relay)?;
+                    writeln!(f, "  -- opscore, in-memory repository")?;
+                    write!(f, "{}", r.memory)?;
+                    writeln!(f, "  -- opscore, Redis")?;
+                    write!(f, "{}", r.redis)?;
+                    let ratio = |s: Option<f64>| s.map_or("-".to_owned(), |s| format!("{s:.2}"));
+                    row(
+                        f,
+                        "in-memory / Redis over the relay",
+                        &format!(
+                            "{} / {}",
+                            ratio(r.memory_over_relay),
+                            ratio(r.redis_over_relay)
+                        ),
+                        None,
+                    )?;
                 }
                 ScenarioReport::Scaleout(r) => {
                     writeln!(f, "== scaleout")?;

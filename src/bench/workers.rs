@@ -23,6 +23,33 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long replies to a `$SRV` request are collected: every instance answers.
 const GATHER: Duration = Duration::from_millis(300);
 
+/// What a spawned process runs, configured the same way either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Program {
+    /// `opscore run`: the worker under test.
+    Worker,
+    /// `opscore-bench relay`: the floor scenario's stand-in for a worker (see [`super::relay`]).
+    Relay,
+}
+
+impl Program {
+    /// The micro service its processes answer `$SRV.PING` under.
+    fn service(self) -> &'static str {
+        match self {
+            Self::Worker => "opscore",
+            Self::Relay => super::relay::SERVICE,
+        }
+    }
+
+    /// How its processes are named in the CPU figures.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::Worker => "opscore",
+            Self::Relay => "relay",
+        }
+    }
+}
+
 /// What every spawned worker of a run shares.
 #[derive(Debug, Clone)]
 pub(crate) struct SpawnConfig {
@@ -34,6 +61,8 @@ pub(crate) struct SpawnConfig {
     pub(crate) log_dir: PathBuf,
     /// The workers' `RUST_LOG`.
     pub(crate) log_level: String,
+    /// The `opscore-bench` binary serving relays; `None`: the running one.
+    pub(crate) relay_binary: Option<PathBuf>,
 }
 
 impl SpawnConfig {
@@ -68,12 +97,46 @@ impl SpawnConfig {
         log_name: &str,
         extra: &[(&str, String)],
     ) -> Result<(Child, PathBuf), BenchError> {
+        self.spawn_binary(&self.binary, subcommand, label, log_name, extra)
+    }
+
+    /// Starts `program` as [`SpawnConfig::spawn`] starts `opscore run`.
+    fn spawn_program(
+        &self,
+        program: Program,
+        label: &str,
+        log_name: &str,
+        extra: &[(&str, String)],
+    ) -> Result<(Child, PathBuf), BenchError> {
+        match program {
+            Program::Worker => self.spawn("run", label, log_name, extra),
+            Program::Relay => {
+                let harness = match &self.relay_binary {
+                    Some(binary) => binary.clone(),
+                    None => std::env::current_exe().map_err(|source| BenchError::Io {
+                        what: "find the harness's own binary".to_owned(),
+                        source,
+                    })?,
+                };
+                self.spawn_binary(&harness, "relay", label, log_name, extra)
+            }
+        }
+    }
+
+    fn spawn_binary(
+        &self,
+        binary: &Path,
+        subcommand: &str,
+        label: &str,
+        log_name: &str,
+        extra: &[(&str, String)],
+    ) -> Result<(Child, PathBuf), BenchError> {
         let log = self.log_dir.join(format!("{log_name}.log"));
         let file = std::fs::File::create(&log).map_err(|source| BenchError::Io {
             what: format!("create {}", log.display()),
             source,
         })?;
-        let child = Command::new(&self.binary)
+        let child = Command::new(binary)
             .arg(subcommand)
             .envs(self.env(label, extra))
             .env("RUST_LOG", &self.log_level)
@@ -82,7 +145,7 @@ impl SpawnConfig {
             .kill_on_drop(true)
             .spawn()
             .map_err(|source| BenchError::Io {
-                what: format!("start {} {subcommand}", self.binary.display()),
+                what: format!("start {} {subcommand}", binary.display()),
                 source,
             })?;
         Ok((child, log))
@@ -137,34 +200,48 @@ impl SpawnConfig {
     }
 }
 
-/// Worker processes started for one scenario.
+/// Worker processes (or relays) started for one scenario.
 #[derive(Debug)]
 pub(crate) struct WorkerSet {
+    program: Program,
     children: Vec<Child>,
     logs: Vec<PathBuf>,
 }
 
 impl WorkerSet {
-    /// Starts `count` workers for scenario `label` and waits until all of them serve.
+    /// Starts `count` processes of `program` for scenario `label` and waits until all of
+    /// them serve.
     pub(crate) async fn start(
         config: &SpawnConfig,
+        program: Program,
         count: usize,
         label: &str,
         extra: &[(&str, String)],
         client: &async_nats::Client,
     ) -> Result<Self, BenchError> {
         let mut set = Self {
+            program,
             children: Vec::new(),
             logs: Vec::new(),
         };
         for n in 0..count {
-            let (child, log) = config.spawn("run", label, &format!("{label}-{n}"), extra)?;
+            let (child, log) =
+                config.spawn_program(program, label, &format!("{label}-{n}"), extra)?;
             set.children.push(child);
             set.logs.push(log);
         }
         set.wait_until_serving(client, count).await?;
-        info!(workers = count, label, "workers serving");
+        info!(
+            processes = count,
+            program = program.label(),
+            label,
+            "serving"
+        );
         Ok(set)
+    }
+
+    pub(crate) fn program(&self) -> Program {
+        self.program
     }
 
     pub(crate) fn pids(&self) -> Vec<u32> {
@@ -186,7 +263,8 @@ impl WorkerSet {
                     )));
                 }
             }
-            if gather(client, "$SRV.PING.opscore").await?.len() >= count {
+            let ping = format!("$SRV.PING.{}", self.program.service());
+            if gather(client, &ping).await?.len() >= count {
                 return Ok(());
             }
             if Instant::now() > deadline {

@@ -3,18 +3,28 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 /// Drives a running opscore worker through NATS and measures it against the bus's own
 /// JetStream publish-with-ack ceiling, taken in the same run on the same servers.
 #[derive(Debug, Parser)]
 #[command(name = "opscore-bench", version)]
 struct Cli {
+    #[command(subcommand)]
+    mode: Option<Mode>,
     #[command(flatten)]
     options: opscore::bench::Options,
     /// Also print every figure as one JSON line after the table.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Mode {
+    /// Serve as the floor scenario's relay, configured like a worker through `OPSCORE__…`
+    /// variables; the harness starts it itself.
+    #[command(hide = true)]
+    Relay,
 }
 
 fn main() -> ExitCode {
@@ -33,6 +43,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(Mode::Relay) = cli.mode {
+        return match runtime.block_on(opscore::bench::relay::serve()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("opscore-bench relay: {error}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match runtime.block_on(opscore::bench::run(cli.options)) {
         Ok(report) => {
             print!("{report}");

@@ -335,7 +335,7 @@ async fn run(settings: Settings) -> ExitCode {
 }
 
 /// Cancels `shutdown` on SIGTERM or SIGINT.
-async fn stop_on_signal(shutdown: CancellationToken) {
+pub(crate) async fn stop_on_signal(shutdown: CancellationToken) {
     let terminate = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut signal) => {

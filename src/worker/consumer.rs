@@ -23,11 +23,23 @@ use crate::repository::Repository;
 /// Messages queued per lane before the intake waits for the lane.
 const LANE_CAPACITY: usize = 8;
 
+/// What the intake hands each message to: the worker's [`Handler`], or the benchmark's
+/// relay, which measures the intake and the bus without the registry and storage.
+pub(crate) trait Handle: Clone + Send + Sync + 'static {
+    fn handle(&self, delivery: &Delivery) -> impl Future<Output = Outcome> + Send;
+}
+
+impl<R: Repository> Handle for Handler<R> {
+    fn handle(&self, delivery: &Delivery) -> impl Future<Output = Outcome> + Send {
+        Handler::handle(self, delivery)
+    }
+}
+
 /// Runs the intake until `shutdown`, then lets the lanes finish what they hold, for at most
 /// `grace`.
-pub(crate) async fn run<R: Repository>(
+pub(crate) async fn run<H: Handle>(
     consumer: PullConsumer,
-    handler: Handler<R>,
+    handler: H,
     loops: Arc<Loops>,
     lanes: usize,
     shutdown: CancellationToken,
@@ -108,10 +120,7 @@ fn lane_of(subject: &str, lanes: usize) -> usize {
     (hasher.finish() % lanes as u64) as usize
 }
 
-async fn run_lane<R: Repository>(
-    handler: Handler<R>,
-    mut receiver: mpsc::Receiver<jetstream::Message>,
-) {
+async fn run_lane<H: Handle>(handler: H, mut receiver: mpsc::Receiver<jetstream::Message>) {
     while let Some(message) = receiver.recv().await {
         let Ok(info) = message.info() else {
             // Not a JetStream delivery: nothing to acknowledge and nothing to apply.

@@ -2,7 +2,7 @@
 //! control API until asked to stop.
 
 mod agents;
-mod consumer;
+pub(crate) mod consumer;
 mod handler;
 mod recover;
 mod sessions;

@@ -274,6 +274,6 @@ fn lost_session_event(session_id: &str, subject: String, seq: u64) -> OutboxMess
         subject,
         "opscore.session.failed.v1",
         now,
-        data,
+        &data,
     )
 }

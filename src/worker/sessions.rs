@@ -621,22 +621,20 @@ impl Change {
                         metrics::histogram!("opscore_dispatch_latency_seconds")
                             .record(waited.as_secs_f64());
                     }
-                    let data = serde_json::to_value(&assignment).unwrap_or(Value::Null);
                     self.outbox.push(dispatch_message(
                         &agent_id,
                         assignment.message_id(),
                         "opscore.task.assigned.v1",
-                        data,
+                        &assignment,
                         self.now,
                     ));
                 }
                 Effect::Cancel(cancellation) => {
-                    let data = serde_json::to_value(&cancellation).unwrap_or(Value::Null);
                     self.outbox.push(dispatch_message(
                         &cancellation.agent_id,
                         cancellation.message_id(),
                         "opscore.task.cancelled.v1",
-                        data,
+                        &cancellation,
                         self.now,
                     ));
                 }
@@ -666,7 +664,6 @@ impl Change {
                         .unwrap_or_default();
                     let subject = subjects::session_status(&event.session_id)
                         .unwrap_or_else(|_| "opscore.status.session.invalid".to_owned());
-                    let data = serde_json::to_value(&event).unwrap_or(Value::Null);
                     track_task_metrics(&kind);
                     if kind.starts_with("session.") && self.session.status.is_ended() {
                         let lasted = (self.now - self.session.start_time)
@@ -680,14 +677,13 @@ impl Change {
                         subject,
                         &format!("opscore.{kind}.v1"),
                         self.now,
-                        data,
+                        &event,
                     ));
                 }
                 Effect::DeadLetter(letter) => {
                     let reason = letter.reason.as_str();
                     let subject = subjects::dlq(reason)
                         .unwrap_or_else(|_| "opscore.dlq.retries_exhausted".to_owned());
-                    let data = serde_json::to_value(&letter).unwrap_or(Value::Null);
                     metrics::counter!("opscore_tasks_dead_lettered_total", "reason" => reason)
                         .increment(1);
                     self.outbox.push(OutboxMessage::cloudevent(
@@ -695,7 +691,7 @@ impl Change {
                         subject,
                         "opscore.task.dead_lettered.v1",
                         self.now,
-                        data,
+                        &letter,
                     ));
                 }
             }
@@ -797,7 +793,7 @@ fn dispatch_message(
     agent_id: &str,
     id: String,
     event_type: &str,
-    data: Value,
+    data: &impl serde::Serialize,
     now: DateTime<Utc>,
 ) -> OutboxMessage {
     // Agent ids were validated as tokens when the agent registered.
