@@ -73,6 +73,7 @@ async fn put<R: Repository>(
             liveness_deadline: Some(now + chrono::Duration::seconds(30)),
             outbox: &[],
             counters: &[],
+            check_waiting: &[],
             now,
         })
         .await
@@ -92,7 +93,10 @@ async fn commits_are_compare_and_set_on_the_version<R: Repository>(repository: R
     let a = agent("a", &["x"], AgentState::Unknown);
     assert_eq!(
         put(&repository, &a, 0, &[], None, at(0)).await,
-        CommitOutcome::Committed { version: 1 }
+        CommitOutcome::Committed {
+            version: 1,
+            waiting: false
+        }
     );
     let loaded = repository.load("a").await.expect("load").expect("exists");
     assert_eq!((loaded.version, &loaded.value), (1, &a));
@@ -104,7 +108,10 @@ async fn commits_are_compare_and_set_on_the_version<R: Repository>(repository: R
     let idle = agent("a", &["x"], AgentState::Idle);
     assert_eq!(
         put(&repository, &idle, 1, &a.capabilities, None, at(1)).await,
-        CommitOutcome::Committed { version: 2 }
+        CommitOutcome::Committed {
+            version: 2,
+            waiting: false
+        }
     );
     assert_eq!(
         repository
@@ -122,7 +129,10 @@ async fn an_event_id_is_applied_once_within_the_window<R: Repository>(repository
     let a = agent("a", &["x"], AgentState::Unknown);
     assert_eq!(
         put(&repository, &a, 0, &[], Some("e1"), at(0)).await,
-        CommitOutcome::Committed { version: 1 }
+        CommitOutcome::Committed {
+            version: 1,
+            waiting: false
+        }
     );
     // A duplicate is recognised even when it names the current version.
     assert_eq!(
@@ -142,11 +152,17 @@ async fn an_event_id_is_applied_once_within_the_window<R: Repository>(repository
     // Past the window, a later commit forgets it.
     assert_eq!(
         put(&repository, &a, 1, &[], Some("e2"), at(120)).await,
-        CommitOutcome::Committed { version: 2 }
+        CommitOutcome::Committed {
+            version: 2,
+            waiting: false
+        }
     );
     assert_eq!(
         put(&repository, &a, 2, &[], Some("e1"), at(121)).await,
-        CommitOutcome::Committed { version: 3 }
+        CommitOutcome::Committed {
+            version: 3,
+            waiting: false
+        }
     );
 }
 
@@ -177,6 +193,7 @@ async fn history_is_capped_and_newest_first<R: Repository>(repository: R) {
                 liveness_deadline: None,
                 outbox: &[],
                 counters: &[],
+                check_waiting: &[],
                 now: at(version as i64),
             })
             .await
@@ -303,6 +320,7 @@ async fn due_liveness_timers_are_claimed_once<R: Repository>(repository: R) {
             liveness_deadline: None,
             outbox: &[],
             counters: &[],
+            check_waiting: &[],
             now: at(41),
         })
         .await
@@ -335,6 +353,7 @@ async fn the_outbox_keeps_messages_until_removed<R: Repository>(repository: R) {
             liveness_deadline: None,
             outbox: &messages,
             counters: &[],
+            check_waiting: &[],
             now: at(0),
         })
         .await
@@ -394,6 +413,7 @@ async fn health_answers_and_commits_move_counters<R: Repository>(repository: R) 
             liveness_deadline: None,
             outbox: &[],
             counters: &moves,
+            check_waiting: &[],
             now: at(0),
         })
         .await
@@ -500,6 +520,136 @@ async fn sessions_commit_with_their_agents_atomically<R: Repository>(repository:
     assert_eq!(
         repository.commit_session(keyed).await.expect("commit"),
         SessionCommitOutcome::KeyTaken(s.session_id.clone())
+    );
+}
+
+async fn a_change_starts_from_the_last_committed_record<R: Repository>(repository: R) {
+    let a = agent("a", &["x"], AgentState::Idle);
+    put(&repository, &a, 0, &[], None, at(0)).await;
+    let base = repository.load_for_change("a").await.expect("load");
+    assert_eq!(base.map(|r| r.version), Some(1));
+
+    // A session commit that leases the agent: the next change starts from what it wrote.
+    let s = session("01890a5d-ac96-774b-bcce-b302099a8057", "w");
+    let mut leased = a.clone();
+    leased.leases.push(opscore::model::Lease {
+        session_id: s.session_id.clone(),
+        task_id: "t".into(),
+        lease_epoch: 1,
+    });
+    let mut commit = session_commit(&s, 0);
+    commit.agents = vec![(&leased, 1)];
+    assert_eq!(
+        repository.commit_session(commit).await.expect("commit"),
+        SessionCommitOutcome::Committed
+    );
+    let current = repository
+        .load_for_change("a")
+        .await
+        .expect("load")
+        .expect("exists");
+    assert_eq!((current.version, current.value.leases.len()), (2, 1));
+
+    // A change computed from the older record conflicts; the current record comes next.
+    let busy = agent("a", &["x"], AgentState::Busy);
+    assert_eq!(
+        put(&repository, &busy, 1, &a.capabilities, None, at(1)).await,
+        CommitOutcome::Conflict
+    );
+    let current = repository
+        .load_for_change("a")
+        .await
+        .expect("load")
+        .expect("exists");
+    assert_eq!((current.version, current.value.leases.len()), (2, 1));
+    let mut busy = current.value;
+    busy.state = AgentState::Busy;
+    assert_eq!(
+        put(&repository, &busy, 2, &a.capabilities, None, at(1)).await,
+        CommitOutcome::Committed {
+            version: 3,
+            waiting: false
+        }
+    );
+    let stored = repository.load("a").await.expect("load").expect("exists");
+    assert_eq!((stored.version, stored.value), (3, busy));
+}
+
+async fn a_commit_tells_whether_sessions_wait_for_the_capabilities<R: Repository>(repository: R) {
+    let commit = |agent: &Agent, version: u64, check: &[String]| {
+        let (agent, check) = (agent.clone(), check.to_vec());
+        let repository = repository.clone();
+        async move {
+            repository
+                .commit(AgentCommit {
+                    agent: &agent,
+                    expected_version: version,
+                    previous_capabilities: &agent.capabilities,
+                    event_id: None,
+                    history: None,
+                    liveness_deadline: None,
+                    outbox: &[],
+                    counters: &[],
+                    check_waiting: &check,
+                    now: at(version as i64),
+                })
+                .await
+                .expect("commit")
+        }
+    };
+    let a = agent("a", &["x", "y"], AgentState::Idle);
+    let (x, y) = (vec!["x".to_owned()], vec!["y".to_owned()]);
+    assert_eq!(
+        commit(&a, 0, &x).await,
+        CommitOutcome::Committed {
+            version: 1,
+            waiting: false
+        }
+    );
+
+    let s = session("01890a5d-ac96-774b-bcce-b302099a8057", "w");
+    let mut waits = session_commit(&s, 0);
+    waits.waiting_join = vec!["x".to_owned()];
+    assert_eq!(
+        repository.commit_session(waits).await.expect("commit"),
+        SessionCommitOutcome::Committed
+    );
+    assert_eq!(
+        commit(&a, 1, &x).await,
+        CommitOutcome::Committed {
+            version: 2,
+            waiting: true
+        }
+    );
+    assert_eq!(
+        commit(&a, 2, &y).await,
+        CommitOutcome::Committed {
+            version: 3,
+            waiting: false
+        }
+    );
+    assert_eq!(
+        commit(&a, 3, &[]).await,
+        CommitOutcome::Committed {
+            version: 4,
+            waiting: false
+        },
+        "nothing asked, nothing looked for"
+    );
+
+    let mut placed = session_commit(&s, 1);
+    placed.waiting_leave = vec!["x".to_owned()];
+    assert_eq!(
+        repository.commit_session(placed).await.expect("commit"),
+        SessionCommitOutcome::Committed
+    );
+    assert_eq!(
+        commit(&a, 4, &x).await,
+        CommitOutcome::Committed {
+            version: 5,
+            waiting: false
+        },
+        "the session no longer waits"
     );
 }
 
@@ -680,9 +830,71 @@ contract!(
     the_outbox_keeps_messages_until_removed,
     health_answers_and_commits_move_counters,
     sessions_commit_with_their_agents_atomically,
+    a_change_starts_from_the_last_committed_record,
+    a_commit_tells_whether_sessions_wait_for_the_capabilities,
     sessions_list_newest_first_and_track_waiting_and_timers,
     workflow_versions_are_immutable,
 );
+
+/// Two repositories on one Redis are two workers: what one changes, the other's next change
+/// learns from its conflict, and plain reads are always current.
+#[tokio::test]
+async fn redis_a_record_another_worker_changed_costs_one_conflict() {
+    let server = common::RedisServer::start();
+    let (first, second) = (redis_repository(&server), redis_repository(&server));
+    let a = agent("a", &["x"], AgentState::Idle);
+    put(&first, &a, 0, &[], None, at(0)).await;
+
+    let theirs = second
+        .load_for_change("a")
+        .await
+        .expect("load")
+        .expect("exists");
+    let mut busy = theirs.value;
+    busy.state = AgentState::Busy;
+    assert_eq!(
+        put(&second, &busy, theirs.version, &a.capabilities, None, at(1)).await,
+        CommitOutcome::Committed {
+            version: 2,
+            waiting: false
+        }
+    );
+
+    let cached = first
+        .load_for_change("a")
+        .await
+        .expect("load")
+        .expect("exists");
+    assert_eq!(
+        cached.version, 1,
+        "the first worker still starts from its own commit"
+    );
+    let current = first.load("a").await.expect("load").expect("exists");
+    assert_eq!(
+        (current.version, current.value.state),
+        (2, AgentState::Busy)
+    );
+
+    let active = agent("a", &["x"], AgentState::Active);
+    assert_eq!(
+        put(
+            &first,
+            &active,
+            cached.version,
+            &a.capabilities,
+            None,
+            at(2)
+        )
+        .await,
+        CommitOutcome::Conflict
+    );
+    let refreshed = first
+        .load_for_change("a")
+        .await
+        .expect("load")
+        .expect("exists");
+    assert_eq!((refreshed.version, refreshed.value), (2, busy));
+}
 
 #[tokio::test]
 async fn redis_reports_unavailability_as_a_retryable_error() {

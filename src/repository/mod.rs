@@ -63,6 +63,9 @@ pub struct AgentCommit<'a> {
     pub outbox: &'a [OutboxMessage],
     /// Moves of the shared counters behind the gauges (see [`Health::counters`]).
     pub counters: &'a [(String, i64)],
+    /// Capabilities to look for waiting sessions in, with the commit: those of an agent the
+    /// change lets take tasks. The answer is [`CommitOutcome::Committed`]'s `waiting`.
+    pub check_waiting: &'a [String],
     pub now: DateTime<Utc>,
 }
 
@@ -71,6 +74,8 @@ pub struct AgentCommit<'a> {
 pub enum CommitOutcome {
     Committed {
         version: u64,
+        /// Whether a session waits for any of the `check_waiting` capabilities.
+        waiting: bool,
     },
     /// The record changed since it was read: read it again and recompute.
     Conflict,
@@ -121,6 +126,17 @@ pub trait AgentRepository: Send + Sync + 'static {
         &self,
         agent_id: &str,
     ) -> impl Future<Output = Result<Option<Versioned<Agent>>, RepositoryError>> + Send;
+
+    /// The record to base a change on. Unlike [`load`](Self::load) it may answer from what
+    /// this process last committed, which another writer may have changed since: a stale
+    /// record costs the commit a [`CommitOutcome::Conflict`], after which this answers with
+    /// the current record. Only for compare-and-set; reads that must be current use `load`.
+    fn load_for_change(
+        &self,
+        agent_id: &str,
+    ) -> impl Future<Output = Result<Option<Versioned<Agent>>, RepositoryError>> + Send {
+        self.load(agent_id)
+    }
 
     fn commit(
         &self,

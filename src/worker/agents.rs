@@ -19,8 +19,8 @@ const MAX_CAS_ATTEMPTS: usize = 16;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CommandOutcome {
     /// `available`: the agent's capabilities when the change made it able to take tasks
-    /// (registered, reported idle or active, came back online), so that tasks waiting for
-    /// them are placed; `None` otherwise.
+    /// (registered, reported idle or active, came back online) and a session waits for one
+    /// of them, so that its tasks are placed; `None` otherwise.
     Applied {
         available: Option<Vec<String>>,
     },
@@ -75,7 +75,7 @@ impl<R: Repository> Agents<R> {
         trace: Option<&str>,
     ) -> Result<CommandOutcome, RepositoryError> {
         for _ in 0..MAX_CAS_ATTEMPTS {
-            let current = self.repository.load(agent_id).await?;
+            let current = self.repository.load_for_change(agent_id).await?;
             let (version, agent) = match &current {
                 Some(record) => (record.version, Some(&record.value)),
                 None => (0, None),
@@ -97,6 +97,23 @@ impl<R: Repository> Agents<R> {
                 })
                 .collect();
             let previous_capabilities = agent.map_or(&[][..], |a| a.capabilities.as_slice());
+            // An agent that can now take tasks looks, with its commit, for sessions waiting
+            // for its capabilities; a worker places them after the commit.
+            let available = change.agent.is_alive()
+                && change.agent.state.accepts_tasks()
+                && change.transitions.iter().any(|t| {
+                    matches!(
+                        t.kind,
+                        TransitionKind::Registered
+                            | TransitionKind::StateChanged
+                            | TransitionKind::Online
+                    )
+                });
+            let check_waiting = if available {
+                change.agent.capabilities.as_slice()
+            } else {
+                &[]
+            };
             let counters = counter_moves(
                 &agent.map(gauge_counts).unwrap_or_default(),
                 &gauge_counts(&change.agent),
@@ -113,26 +130,16 @@ impl<R: Repository> Agents<R> {
                     liveness_deadline: change.liveness_deadline,
                     outbox: &messages,
                     counters: &counters,
+                    check_waiting,
                     now,
                 })
                 .await?;
             match outcome {
-                CommitOutcome::Committed { .. } => {
+                CommitOutcome::Committed { waiting, .. } => {
                     crate::faults::crash_point("after_commit");
                     self.flush(&messages).await;
                     crate::faults::crash_point("after_publish");
-                    let agent = &change.agent;
-                    let available = (agent.is_alive()
-                        && agent.state.accepts_tasks()
-                        && change.transitions.iter().any(|t| {
-                            matches!(
-                                t.kind,
-                                TransitionKind::Registered
-                                    | TransitionKind::StateChanged
-                                    | TransitionKind::Online
-                            )
-                        }))
-                    .then(|| agent.capabilities.clone());
+                    let available = (available && waiting).then_some(change.agent.capabilities);
                     return Ok(match change.applied {
                         Applied::Applied => CommandOutcome::Applied { available },
                         Applied::Stale => CommandOutcome::Stale,

@@ -156,7 +156,11 @@ impl AgentRepository for MemoryRepository {
         }
         state.move_counters(commit.counters);
         state.add_outbox(commit.outbox, commit.now + self.options.outbox_grace);
-        Ok(CommitOutcome::Committed { version })
+        let waiting = commit
+            .check_waiting
+            .iter()
+            .any(|capability| state.sessions.any_waiting(capability));
+        Ok(CommitOutcome::Committed { version, waiting })
     }
 
     async fn history(

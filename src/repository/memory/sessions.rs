@@ -31,6 +31,15 @@ pub(super) struct Sessions {
     claims: HashMap<String, DateTime<Utc>>,
 }
 
+impl Sessions {
+    /// Whether a session waits for an agent with `capability`.
+    pub(super) fn any_waiting(&self, capability: &str) -> bool {
+        self.waiting
+            .get(capability)
+            .is_some_and(|sessions| !sessions.is_empty())
+    }
+}
+
 impl WorkflowRepository for MemoryRepository {
     async fn define(
         &self,

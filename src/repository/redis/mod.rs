@@ -25,14 +25,17 @@
 //! | `waiting:<capability>` | zset | sessions with a task waiting for such an agent |
 //! | `timers:workflow` / `timers:workflow:data` | zset / hash | lease, backoff and queue timers |
 
+mod cache;
 mod sessions;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
+use self::cache::AgentCache;
 use super::{
     AgentCommit, AgentFilter, AgentRepository, CommitOutcome, Health, Outbox, RepositoryError,
     RepositoryOptions, Versioned, capability_changes,
@@ -50,6 +53,8 @@ pub struct RedisRepository {
     connection: ConnectionManager,
     keys: Keys,
     options: RepositoryOptions,
+    /// Shared by every clone, so by the whole process.
+    agents: Arc<AgentCache>,
     commit_agent: &'static Script,
     commit_session: &'static Script,
     define_workflow: &'static Script,
@@ -172,6 +177,7 @@ impl RedisRepository {
                 prefix: key_prefix.to_owned(),
             },
             options,
+            agents: Arc::default(),
             commit_agent: script(include_str!("../scripts/commit_agent.lua")),
             commit_session: script(include_str!("../scripts/commit_session.lua")),
             define_workflow: script(include_str!("../scripts/define_workflow.lua")),
@@ -246,6 +252,20 @@ impl RedisRepository {
 }
 
 impl AgentRepository for RedisRepository {
+    async fn load_for_change(
+        &self,
+        agent_id: &str,
+    ) -> Result<Option<Versioned<Agent>>, RepositoryError> {
+        if let Some(record) = self.agents.get(agent_id) {
+            return Ok(Some(record));
+        }
+        let record = self.load(agent_id).await?;
+        if let Some(record) = &record {
+            self.agents.put(record.clone());
+        }
+        Ok(record)
+    }
+
     async fn load(&self, agent_id: &str) -> Result<Option<Versioned<Agent>>, RepositoryError> {
         let key = self.keys.agent(agent_id);
         let mut connection = self.connection.clone();
@@ -297,6 +317,9 @@ impl AgentRepository for RedisRepository {
         for capability in leave.iter().chain(&join) {
             invocation.key(self.keys.capability(capability));
         }
+        for capability in commit.check_waiting {
+            invocation.key(self.keys.waiting(capability));
+        }
         invocation
             .arg(commit.expected_version)
             .arg(record)
@@ -315,7 +338,8 @@ impl AgentRepository for RedisRepository {
             .arg(millis(commit.now + self.options.outbox_grace))
             .arg(leave.len())
             .arg(join.len())
-            .arg(commit.counters.len());
+            .arg(commit.counters.len())
+            .arg(commit.check_waiting.len());
         for (field, delta) in commit.counters {
             invocation.arg(field).arg(*delta);
         }
@@ -329,14 +353,39 @@ impl AgentRepository for RedisRepository {
         }
 
         let mut connection = self.connection.clone();
-        let (status, version): (String, u64) = invocation
-            .invoke_async(&mut connection)
-            .await
-            .map_err(unavailable)?;
+        let reply: Result<(String, u64, String, u8), _> =
+            invocation.invoke_async(&mut connection).await;
+        let (status, version, current, waiting) = match reply {
+            Ok(reply) => reply,
+            Err(error) => {
+                // The commit may or may not have happened: the next change reads the record.
+                self.agents.forget(id);
+                return Err(unavailable(error));
+            }
+        };
         Ok(match status.as_str() {
-            "ok" => CommitOutcome::Committed { version },
-            "duplicate" => CommitOutcome::Duplicate,
-            _ => CommitOutcome::Conflict,
+            "ok" => {
+                self.agents.put(Versioned {
+                    version,
+                    value: commit.agent.clone(),
+                });
+                CommitOutcome::Committed {
+                    version,
+                    waiting: waiting == 1,
+                }
+            }
+            "duplicate" => {
+                self.agents.forget(id);
+                CommitOutcome::Duplicate
+            }
+            _ => {
+                // The reply carries the current record: the retry starts from it.
+                match decode::<Agent>(&self.keys.agent(id), &current) {
+                    Ok(value) if version > 0 => self.agents.put(Versioned { version, value }),
+                    _ => self.agents.forget(id),
+                }
+                CommitOutcome::Conflict
+            }
         })
     }
 

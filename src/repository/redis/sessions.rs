@@ -212,10 +212,21 @@ impl SessionRepository for RedisRepository {
         }
 
         let mut connection = self.connection.clone();
-        let (status, owner): (String, String) = invocation
-            .invoke_async(&mut connection)
-            .await
-            .map_err(unavailable)?;
+        let reply: Result<(String, String), _> = invocation.invoke_async(&mut connection).await;
+        // The agent records this commit wrote, or might have written, are what the next
+        // change of those agents starts from.
+        let committed = matches!(&reply, Ok((status, _)) if status == "ok");
+        for (agent, version) in &commit.agents {
+            if committed {
+                self.agents.put(Versioned {
+                    version: version + 1,
+                    value: (*agent).clone(),
+                });
+            } else {
+                self.agents.forget(&agent.agent_id);
+            }
+        }
+        let (status, owner) = reply.map_err(unavailable)?;
         Ok(match status.as_str() {
             "ok" => SessionCommitOutcome::Committed,
             "duplicate" => SessionCommitOutcome::Duplicate,

@@ -2,21 +2,25 @@
 --
 -- KEYS: 1 record hash, 2 applied event ids (zset), 3 history (list), 4 liveness timers (zset),
 --       5 index of all agents (zset), 6 outbox messages (hash), 7 outbox due times (zset),
---       8 counters (hash), 9.. capability indexes: first those to leave, then those to join
+--       8 counters (hash), 9.. capability indexes: first those to leave, then those to join,
+--       then the waiting indexes (zsets) of the capabilities to look for waiting sessions in
 -- ARGV: 1 expected version, 2 record JSON, 3 agent id, 4 event id or "", 5 now (ms),
 --       6 forget event ids applied before this (ms), 7 history entry JSON or "",
 --       8 history length, 9 liveness deadline (ms) or "", 10 outbox due time (ms),
 --       11 capability indexes to leave, 12 capability indexes to join, 13 counters to move,
---       14.. counter field and delta, in pairs; then outbox message id and payload, in pairs
--- Returns {"ok", version} | {"duplicate", version} | {"conflict", version}
+--       14 waiting indexes to look in, 15.. counter field and delta, in pairs; then outbox
+--       message id and payload, in pairs
+-- Returns {"ok", version, "", 1 if a session waits in any of the waiting indexes, else 0}
+--       | {"duplicate", version, "", 0}
+--       | {"conflict", version, current record JSON or "" when there is none, 0}
 
 local current = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
 local event_id = ARGV[4]
 if event_id ~= '' and redis.call('ZSCORE', KEYS[2], event_id) then
-  return {'duplicate', current}
+  return {'duplicate', current, '', 0}
 end
 if current ~= tonumber(ARGV[1]) then
-  return {'conflict', current}
+  return {'conflict', current, redis.call('HGET', KEYS[1], 'd') or '', 0}
 end
 
 local version = current + 1
@@ -50,13 +54,21 @@ for i = 1, join do
 end
 
 local counters = tonumber(ARGV[13])
-for i = 14, 13 + 2 * counters, 2 do
+for i = 15, 14 + 2 * counters, 2 do
   redis.call('HINCRBY', KEYS[8], ARGV[i], ARGV[i + 1])
 end
 
-for i = 14 + 2 * counters, #ARGV, 2 do
+for i = 15 + 2 * counters, #ARGV, 2 do
   redis.call('HSET', KEYS[6], ARGV[i], ARGV[i + 1])
   redis.call('ZADD', KEYS[7], ARGV[10], ARGV[i])
 end
 
-return {'ok', version}
+local waiting = 0
+for i = 9 + leave + join, 8 + leave + join + tonumber(ARGV[14]) do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    waiting = 1
+    break
+  end
+end
+
+return {'ok', version, '', waiting}

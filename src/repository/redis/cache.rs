@@ -1,0 +1,88 @@
+//! The agent records this process last committed, so that the next change of the same agent
+//! is computed without reading the record back first.
+//!
+//! A cached record may be stale: another worker, or a session commit elsewhere, may have
+//! changed the agent since. That costs one compare-and-set conflict, whose reply carries the
+//! current record, and the cache holds that one from then on. Reads that must be current
+//! (`load`, the control API, listings) never look here.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use crate::model::Agent;
+use crate::repository::Versioned;
+
+/// Records kept at most, a few MiB: the agents that report most often stay in, and the
+/// worker's memory does not grow with the registry.
+pub(super) const CAPACITY: usize = 4096;
+
+#[derive(Debug, Default)]
+pub(super) struct AgentCache {
+    records: Mutex<HashMap<String, Versioned<Agent>>>,
+}
+
+impl AgentCache {
+    pub(super) fn get(&self, agent_id: &str) -> Option<Versioned<Agent>> {
+        self.records().get(agent_id).cloned()
+    }
+
+    pub(super) fn put(&self, record: Versioned<Agent>) {
+        let mut records = self.records();
+        if records.len() >= CAPACITY && !records.contains_key(&record.value.agent_id) {
+            // Whichever record the map yields first goes: no bookkeeping per hit, and an
+            // evicted agent costs one read on its next change.
+            if let Some(victim) = records.keys().next().cloned() {
+                records.remove(&victim);
+            }
+        }
+        records.insert(record.value.agent_id.clone(), record);
+    }
+
+    pub(super) fn forget(&self, agent_id: &str) {
+        self.records().remove(agent_id);
+    }
+
+    fn records(&self) -> MutexGuard<'_, HashMap<String, Versioned<Agent>>> {
+        // A panic while holding the lock leaves a map that is still a valid cache.
+        self.records.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, version: u64) -> Versioned<Agent> {
+        let json = serde_json::json!({
+            "agentId": id, "agentName": id, "version": "1", "capabilities": [],
+            "metadata": {}, "details": {}, "maxConcurrentTasks": 1, "state": "idle", "stateTimestamp": "2026-01-01T00:00:00Z",
+            "registeredAt": "2026-01-01T00:00:00Z", "lastSeen": "2026-01-01T00:00:00Z",
+            "deregistered": false, "seq": 0, "staleEvents": 0
+        });
+        Versioned {
+            version,
+            value: serde_json::from_value(json).expect("an agent record"),
+        }
+    }
+
+    #[test]
+    fn holds_the_last_record_put_and_forgets_on_request() {
+        let cache = AgentCache::default();
+        cache.put(record("a", 1));
+        cache.put(record("a", 2));
+        assert_eq!(cache.get("a").map(|r| r.version), Some(2));
+        cache.forget("a");
+        assert_eq!(cache.get("a"), None);
+    }
+
+    #[test]
+    fn never_holds_more_than_its_capacity() {
+        let cache = AgentCache::default();
+        for n in 0..CAPACITY + 10 {
+            cache.put(record(&format!("a{n}"), 1));
+        }
+        assert_eq!(cache.records().len(), CAPACITY);
+        let last = format!("a{}", CAPACITY + 9);
+        assert!(cache.get(&last).is_some(), "the newest record is kept");
+    }
+}
