@@ -122,6 +122,8 @@ async fn crash_and_recover(point: &str, after: &str) {
     let healthy = ChildWorker::spawn(&quick(&nats, &redis, &[]));
     let sessions = wait_for_sessions(&nats, &session_ids).await;
     wait_until_quiet(&nats).await;
+    // What the crash left committed but unpublished, the sweeper publishes after its grace.
+    wait_until_outbox_empty(&redis).await;
     assert_exactly_once(&nats, &sessions).await;
     drop(healthy);
 }
@@ -339,6 +341,7 @@ async fn random_kills_under_mixed_load_lose_nothing() {
     // Quiet: every session ended, every event handled.
     let sessions = wait_for_sessions(&nats, &session_ids).await;
     wait_until_quiet(&nats).await;
+    wait_until_outbox_empty(&redis).await;
     assert_exactly_once(&nats, &sessions).await;
     for n in 0..REPORTERS {
         let record = api(&nats, "agent", "get", json!({"agentId": format!("r{n}")}))

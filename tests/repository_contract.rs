@@ -896,6 +896,53 @@ async fn redis_a_record_another_worker_changed_costs_one_conflict() {
     assert_eq!((refreshed.version, refreshed.value), (2, busy));
 }
 
+/// A record lost and created again up to the version a worker keeps is another record: the
+/// worker's next change from the kept one conflicts instead of overwriting it.
+#[tokio::test]
+async fn redis_a_record_created_again_is_not_taken_for_the_one_kept() {
+    let server = common::RedisServer::start();
+    let (first, second) = (redis_repository(&server), redis_repository(&server));
+    let old = agent("a", &["x"], AgentState::Idle);
+    put(&first, &old, 0, &[], None, at(0)).await;
+
+    let mut connection = server.connection().await;
+    let _: () = ::redis::cmd("FLUSHDB")
+        .query_async(&mut connection)
+        .await
+        .expect("flush");
+    let new = agent("a", &["y"], AgentState::Busy);
+    assert_eq!(
+        put(&second, &new, 0, &[], None, at(1)).await,
+        CommitOutcome::Committed {
+            version: 1,
+            waiting: false
+        }
+    );
+
+    let kept = first
+        .load_for_change("a")
+        .await
+        .expect("load")
+        .expect("kept");
+    assert_eq!(
+        (kept.version, &kept.value),
+        (1, &old),
+        "the first worker keeps the old one"
+    );
+    let mut changed = kept.value;
+    changed.state = AgentState::Active;
+    assert_eq!(
+        put(&first, &changed, 1, &old.capabilities, None, at(2)).await,
+        CommitOutcome::Conflict
+    );
+    let current = first
+        .load_for_change("a")
+        .await
+        .expect("load")
+        .expect("exists");
+    assert_eq!((current.version, current.value), (1, new));
+}
+
 #[tokio::test]
 async fn redis_reports_unavailability_as_a_retryable_error() {
     let mut server = common::RedisServer::start();

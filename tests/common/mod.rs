@@ -723,6 +723,29 @@ pub async fn wait_until_quiet(nats: &NatsServer) {
     }
 }
 
+/// Waits until the outbox (default key prefix) is empty: every committed message was
+/// published, by the worker that committed it or, when that worker died first, by the sweeper
+/// of another once the message's grace period passed.
+pub async fn wait_until_outbox_empty(redis: &RedisServer) {
+    let mut connection = redis.connection().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let kept: u64 = redis::cmd("HLEN")
+            .arg("opscore:outbox")
+            .query_async(&mut connection)
+            .await
+            .expect("outbox size");
+        if kept == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the outbox still holds {kept} messages"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// RFC 3339 time `secs` seconds after a fixed instant, for ordering state reports.
 pub fn ts(secs: i64) -> String {
     (chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z").expect("valid")

@@ -3,8 +3,10 @@
 //!
 //! A cached record may be stale: another worker, or a session commit elsewhere, may have
 //! changed the agent since. That costs one compare-and-set conflict, whose reply carries the
-//! current record, and the cache holds that one from then on. Reads that must be current
-//! (`load`, the control API, listings) never look here.
+//! current record, and the cache holds that one from then on. Each record is kept with its
+//! incarnation, so that a record deleted or lost and created again up to the same version is
+//! not mistaken for the one kept. Reads that must be current (`load`, the control API,
+//! listings) never look here.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -18,15 +20,29 @@ pub(super) const CAPACITY: usize = 4096;
 
 #[derive(Debug, Default)]
 pub(super) struct AgentCache {
-    records: Mutex<HashMap<String, Versioned<Agent>>>,
+    records: Mutex<HashMap<String, Kept>>,
+}
+
+#[derive(Debug)]
+struct Kept {
+    record: Versioned<Agent>,
+    incarnation: String,
 }
 
 impl AgentCache {
     pub(super) fn get(&self, agent_id: &str) -> Option<Versioned<Agent>> {
-        self.records().get(agent_id).cloned()
+        self.records().get(agent_id).map(|kept| kept.record.clone())
     }
 
-    pub(super) fn put(&self, record: Versioned<Agent>) {
+    /// The incarnation of the record kept for `agent_id`, if it is the one at `version`.
+    pub(super) fn incarnation(&self, agent_id: &str, version: u64) -> Option<String> {
+        self.records()
+            .get(agent_id)
+            .filter(|kept| kept.record.version == version)
+            .map(|kept| kept.incarnation.clone())
+    }
+
+    pub(super) fn put(&self, record: Versioned<Agent>, incarnation: String) {
         let mut records = self.records();
         if records.len() >= CAPACITY && !records.contains_key(&record.value.agent_id) {
             // Whichever record the map yields first goes: no bookkeeping per hit, and an
@@ -35,14 +51,21 @@ impl AgentCache {
                 records.remove(&victim);
             }
         }
-        records.insert(record.value.agent_id.clone(), record);
+        let id = record.value.agent_id.clone();
+        records.insert(
+            id,
+            Kept {
+                record,
+                incarnation,
+            },
+        );
     }
 
     pub(super) fn forget(&self, agent_id: &str) {
         self.records().remove(agent_id);
     }
 
-    fn records(&self) -> MutexGuard<'_, HashMap<String, Versioned<Agent>>> {
+    fn records(&self) -> MutexGuard<'_, HashMap<String, Kept>> {
         // A panic while holding the lock leaves a map that is still a valid cache.
         self.records.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -68,9 +91,11 @@ mod tests {
     #[test]
     fn holds_the_last_record_put_and_forgets_on_request() {
         let cache = AgentCache::default();
-        cache.put(record("a", 1));
-        cache.put(record("a", 2));
+        cache.put(record("a", 1), "i1".to_owned());
+        cache.put(record("a", 2), "i1".to_owned());
         assert_eq!(cache.get("a").map(|r| r.version), Some(2));
+        assert_eq!(cache.incarnation("a", 2).as_deref(), Some("i1"));
+        assert_eq!(cache.incarnation("a", 1), None, "only for the version kept");
         cache.forget("a");
         assert_eq!(cache.get("a"), None);
     }
@@ -79,7 +104,7 @@ mod tests {
     fn never_holds_more_than_its_capacity() {
         let cache = AgentCache::default();
         for n in 0..CAPACITY + 10 {
-            cache.put(record(&format!("a{n}"), 1));
+            cache.put(record(&format!("a{n}"), 1), String::new());
         }
         assert_eq!(cache.records().len(), CAPACITY);
         let last = format!("a{}", CAPACITY + 9);

@@ -259,11 +259,27 @@ impl AgentRepository for RedisRepository {
         if let Some(record) = self.agents.get(agent_id) {
             return Ok(Some(record));
         }
-        let record = self.load(agent_id).await?;
-        if let Some(record) = &record {
-            self.agents.put(record.clone());
-        }
-        Ok(record)
+        let key = self.keys.agent(agent_id);
+        let mut connection = self.connection.clone();
+        let (version, data, incarnation): (Option<u64>, Option<String>, Option<String>) =
+            redis::cmd("HMGET")
+                .arg(&key)
+                .arg("v")
+                .arg("d")
+                .arg("i")
+                .query_async(&mut connection)
+                .await
+                .map_err(unavailable)?;
+        let (Some(version), Some(data)) = (version, data) else {
+            return Ok(None);
+        };
+        let record = Versioned {
+            version,
+            value: decode(&key, &data)?,
+        };
+        self.agents
+            .put(record.clone(), incarnation.unwrap_or_default());
+        Ok(Some(record))
     }
 
     async fn load(&self, agent_id: &str) -> Result<Option<Versioned<Agent>>, RepositoryError> {
@@ -339,7 +355,15 @@ impl AgentRepository for RedisRepository {
             .arg(leave.len())
             .arg(join.len())
             .arg(commit.counters.len())
-            .arg(commit.check_waiting.len());
+            .arg(commit.check_waiting.len())
+            // A change from a kept record must find the record in the life it was kept in;
+            // one from a record just read is a plain compare-and-set on the version.
+            .arg(
+                self.agents
+                    .incarnation(id, commit.expected_version)
+                    .unwrap_or_default(),
+            )
+            .arg(uuid::Uuid::new_v4().simple().to_string());
         for (field, delta) in commit.counters {
             invocation.arg(field).arg(*delta);
         }
@@ -353,9 +377,9 @@ impl AgentRepository for RedisRepository {
         }
 
         let mut connection = self.connection.clone();
-        let reply: Result<(String, u64, String, u8), _> =
+        let reply: Result<(String, u64, String, u8, String), _> =
             invocation.invoke_async(&mut connection).await;
-        let (status, version, current, waiting) = match reply {
+        let (status, version, current, waiting, incarnation) = match reply {
             Ok(reply) => reply,
             Err(error) => {
                 // The commit may or may not have happened: the next change reads the record.
@@ -365,10 +389,11 @@ impl AgentRepository for RedisRepository {
         };
         Ok(match status.as_str() {
             "ok" => {
-                self.agents.put(Versioned {
+                let record = Versioned {
                     version,
                     value: commit.agent.clone(),
-                });
+                };
+                self.agents.put(record, incarnation);
                 CommitOutcome::Committed {
                     version,
                     waiting: waiting == 1,
@@ -381,7 +406,9 @@ impl AgentRepository for RedisRepository {
             _ => {
                 // The reply carries the current record: the retry starts from it.
                 match decode::<Agent>(&self.keys.agent(id), &current) {
-                    Ok(value) if version > 0 => self.agents.put(Versioned { version, value }),
+                    Ok(value) if version > 0 => {
+                        self.agents.put(Versioned { version, value }, incarnation);
+                    }
                     _ => self.agents.forget(id),
                 }
                 CommitOutcome::Conflict

@@ -217,13 +217,16 @@ impl SessionRepository for RedisRepository {
         // change of those agents starts from.
         let committed = matches!(&reply, Ok((status, _)) if status == "ok");
         for (agent, version) in &commit.agents {
-            if committed {
-                self.agents.put(Versioned {
-                    version: version + 1,
-                    value: (*agent).clone(),
-                });
-            } else {
-                self.agents.forget(&agent.agent_id);
+            // The incarnation is known when the record kept is the one this commit changed.
+            match self.agents.incarnation(&agent.agent_id, *version) {
+                Some(incarnation) if committed => {
+                    let record = Versioned {
+                        version: version + 1,
+                        value: (*agent).clone(),
+                    };
+                    self.agents.put(record, incarnation);
+                }
+                _ => self.agents.forget(&agent.agent_id),
             }
         }
         let (status, owner) = reply.map_err(unavailable)?;

@@ -8,24 +8,33 @@
 --       6 forget event ids applied before this (ms), 7 history entry JSON or "",
 --       8 history length, 9 liveness deadline (ms) or "", 10 outbox due time (ms),
 --       11 capability indexes to leave, 12 capability indexes to join, 13 counters to move,
---       14 waiting indexes to look in, 15.. counter field and delta, in pairs; then outbox
---       message id and payload, in pairs
--- Returns {"ok", version, "", 1 if a session waits in any of the waiting indexes, else 0}
---       | {"duplicate", version, "", 0}
---       | {"conflict", version, current record JSON or "" when there is none, 0}
+--       14 waiting indexes to look in, 15 expected incarnation or "" to not check it,
+--       16 incarnation to give a record that has none, 17.. counter field and delta, in
+--       pairs; then outbox message id and payload, in pairs
+-- The incarnation (field `i`) names one life of the record: a record deleted or lost and
+-- created again gets a new one, so a version read in its earlier life never matches.
+-- Returns {status, version, record JSON, waiting, incarnation}:
+--         {"ok", version, "", 1 if a session waits in any of the waiting indexes else 0, i}
+--       | {"duplicate", version, "", 0, i}
+--       | {"conflict", version, current record JSON or "" when there is none, 0, i}
 
-local current = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
+local stored = redis.call('HMGET', KEYS[1], 'v', 'i')
+local current = tonumber(stored[1] or '0')
+local incarnation = stored[2] or ''
 local event_id = ARGV[4]
 if event_id ~= '' and redis.call('ZSCORE', KEYS[2], event_id) then
-  return {'duplicate', current, '', 0}
+  return {'duplicate', current, '', 0, incarnation}
 end
-if current ~= tonumber(ARGV[1]) then
-  return {'conflict', current, redis.call('HGET', KEYS[1], 'd') or '', 0}
+if current ~= tonumber(ARGV[1]) or (ARGV[15] ~= '' and ARGV[15] ~= incarnation) then
+  return {'conflict', current, redis.call('HGET', KEYS[1], 'd') or '', 0, incarnation}
+end
+if incarnation == '' then
+  incarnation = ARGV[16]
 end
 
 local version = current + 1
 local agent_id = ARGV[3]
-redis.call('HSET', KEYS[1], 'v', version, 'd', ARGV[2])
+redis.call('HSET', KEYS[1], 'v', version, 'd', ARGV[2], 'i', incarnation)
 
 if event_id ~= '' then
   redis.call('ZADD', KEYS[2], ARGV[5], event_id)
@@ -54,21 +63,22 @@ for i = 1, join do
 end
 
 local counters = tonumber(ARGV[13])
-for i = 15, 14 + 2 * counters, 2 do
+for i = 17, 16 + 2 * counters, 2 do
   redis.call('HINCRBY', KEYS[8], ARGV[i], ARGV[i + 1])
 end
 
-for i = 15 + 2 * counters, #ARGV, 2 do
+for i = 17 + 2 * counters, #ARGV, 2 do
   redis.call('HSET', KEYS[6], ARGV[i], ARGV[i + 1])
   redis.call('ZADD', KEYS[7], ARGV[10], ARGV[i])
 end
 
 local waiting = 0
 for i = 9 + leave + join, 8 + leave + join + tonumber(ARGV[14]) do
-  if redis.call('EXISTS', KEYS[i]) == 1 then
+  -- ZRANGE rather than EXISTS: the commands a Redis ACL user needs stay the same.
+  if redis.call('ZRANGE', KEYS[i], 0, 0)[1] then
     waiting = 1
     break
   end
 end
 
-return {'ok', version, '', waiting}
+return {'ok', version, '', waiting, incarnation}
