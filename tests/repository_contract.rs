@@ -63,6 +63,19 @@ async fn put<R: Repository>(
     event_id: Option<&str>,
     now: DateTime<Utc>,
 ) -> CommitOutcome {
+    put_checking(repository, agent, version, previous, event_id, now, &[]).await
+}
+
+/// As [`put`], asking the commit whether sessions wait for any of `check_waiting`.
+async fn put_checking<R: Repository>(
+    repository: &R,
+    agent: &Agent,
+    version: u64,
+    previous: &[String],
+    event_id: Option<&str>,
+    now: DateTime<Utc>,
+    check_waiting: &[String],
+) -> CommitOutcome {
     repository
         .commit(AgentCommit {
             agent,
@@ -73,11 +86,23 @@ async fn put<R: Repository>(
             liveness_deadline: Some(now + chrono::Duration::seconds(30)),
             outbox: &[],
             counters: &[],
-            check_waiting: &[],
+            check_waiting,
             now,
         })
         .await
         .expect("commit")
+}
+
+/// The record a change of `id` would start from; it must exist.
+async fn for_change<R: Repository>(
+    repository: &R,
+    id: &str,
+) -> opscore::repository::Versioned<Agent> {
+    repository
+        .load_for_change(id)
+        .await
+        .expect("load")
+        .expect("exists")
 }
 
 async fn ids<R: Repository>(repository: &R, filter: AgentFilter) -> Vec<String> {
@@ -543,11 +568,7 @@ async fn a_change_starts_from_the_last_committed_record<R: Repository>(repositor
         repository.commit_session(commit).await.expect("commit"),
         SessionCommitOutcome::Committed
     );
-    let current = repository
-        .load_for_change("a")
-        .await
-        .expect("load")
-        .expect("exists");
+    let current = for_change(&repository, "a").await;
     assert_eq!((current.version, current.value.leases.len()), (2, 1));
 
     // A change computed from the older record conflicts; the current record comes next.
@@ -556,11 +577,7 @@ async fn a_change_starts_from_the_last_committed_record<R: Repository>(repositor
         put(&repository, &busy, 1, &a.capabilities, None, at(1)).await,
         CommitOutcome::Conflict
     );
-    let current = repository
-        .load_for_change("a")
-        .await
-        .expect("load")
-        .expect("exists");
+    let current = for_change(&repository, "a").await;
     assert_eq!((current.version, current.value.leases.len()), (2, 1));
     let mut busy = current.value;
     busy.state = AgentState::Busy;
@@ -580,21 +597,8 @@ async fn a_commit_tells_whether_sessions_wait_for_the_capabilities<R: Repository
         let (agent, check) = (agent.clone(), check.to_vec());
         let repository = repository.clone();
         async move {
-            repository
-                .commit(AgentCommit {
-                    agent: &agent,
-                    expected_version: version,
-                    previous_capabilities: &agent.capabilities,
-                    event_id: None,
-                    history: None,
-                    liveness_deadline: None,
-                    outbox: &[],
-                    counters: &[],
-                    check_waiting: &check,
-                    now: at(version as i64),
-                })
-                .await
-                .expect("commit")
+            let previous = agent.capabilities.clone();
+            put_checking(&repository, &agent, version, &previous, None, at(1), &check).await
         }
     };
     let a = agent("a", &["x", "y"], AgentState::Idle);
@@ -845,11 +849,7 @@ async fn redis_a_record_another_worker_changed_costs_one_conflict() {
     let a = agent("a", &["x"], AgentState::Idle);
     put(&first, &a, 0, &[], None, at(0)).await;
 
-    let theirs = second
-        .load_for_change("a")
-        .await
-        .expect("load")
-        .expect("exists");
+    let theirs = for_change(&second, "a").await;
     let mut busy = theirs.value;
     busy.state = AgentState::Busy;
     assert_eq!(
@@ -860,11 +860,7 @@ async fn redis_a_record_another_worker_changed_costs_one_conflict() {
         }
     );
 
-    let cached = first
-        .load_for_change("a")
-        .await
-        .expect("load")
-        .expect("exists");
+    let cached = for_change(&first, "a").await;
     assert_eq!(
         cached.version, 1,
         "the first worker still starts from its own commit"
@@ -888,11 +884,7 @@ async fn redis_a_record_another_worker_changed_costs_one_conflict() {
         .await,
         CommitOutcome::Conflict
     );
-    let refreshed = first
-        .load_for_change("a")
-        .await
-        .expect("load")
-        .expect("exists");
+    let refreshed = for_change(&first, "a").await;
     assert_eq!((refreshed.version, refreshed.value), (2, busy));
 }
 
@@ -919,11 +911,7 @@ async fn redis_a_record_created_again_is_not_taken_for_the_one_kept() {
         }
     );
 
-    let kept = first
-        .load_for_change("a")
-        .await
-        .expect("load")
-        .expect("kept");
+    let kept = for_change(&first, "a").await;
     assert_eq!(
         (kept.version, &kept.value),
         (1, &old),
@@ -935,11 +923,7 @@ async fn redis_a_record_created_again_is_not_taken_for_the_one_kept() {
         put(&first, &changed, 1, &old.capabilities, None, at(2)).await,
         CommitOutcome::Conflict
     );
-    let current = first
-        .load_for_change("a")
-        .await
-        .expect("load")
-        .expect("exists");
+    let current = for_change(&first, "a").await;
     assert_eq!((current.version, current.value), (1, new));
 }
 

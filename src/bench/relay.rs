@@ -7,6 +7,7 @@
 //! the bus and the intake allow on this machine before opscore does any work of its own.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_nats::jetstream;
 use chrono::Utc;
@@ -26,6 +27,9 @@ use crate::worker::{Delivery, Outcome};
 
 /// The micro service name the relay answers `$SRV.PING` under, so the harness knows it serves.
 pub(crate) const SERVICE: &str = "opscore-relay";
+
+/// How long a report whose status event could not be published waits to be delivered again.
+const RETRY_DELAY: Duration = Duration::from_millis(100);
 
 /// Why the relay could not start.
 #[derive(Debug, thiserror::Error)]
@@ -94,7 +98,7 @@ impl Handle for Relay {
         };
         let message = transition.to_message();
         if self.publisher.publish_outbox(&[message]).await.is_empty() {
-            return Outcome::Retry(std::time::Duration::from_millis(100));
+            return Outcome::Retry(RETRY_DELAY);
         }
         Outcome::Applied
     }
