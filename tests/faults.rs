@@ -35,18 +35,6 @@ async fn wait_for_status(url: &str, status: u16, limit: Duration) {
     }
 }
 
-/// The Prometheus text a worker's `/metrics` serves.
-async fn metrics_text(url: &str) -> String {
-    http()
-        .get(url)
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("body")
-}
-
 /// Registers `count` agents and waits until the worker applied each registration.
 async fn register(
     nats: &NatsServer,

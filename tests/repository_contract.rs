@@ -11,7 +11,7 @@ use opscore::outbox::OutboxMessage;
 use opscore::repository::{
     AgentCommit, AgentFilter, AgentRepository, CommitOutcome, DefineOutcome, Health,
     RedisRepository, Repository, RepositoryOptions, SessionCommit, SessionCommitOutcome,
-    SessionFilter,
+    SessionFilter, SessionRepository,
 };
 use opscore::workflow::{Session, Timer, TimerKind, WorkflowDefinition};
 use serde_json::Map;
@@ -657,6 +657,47 @@ async fn a_commit_tells_whether_sessions_wait_for_the_capabilities<R: Repository
     );
 }
 
+async fn capable_agents_are_the_stored_records<R: Repository>(repository: R) {
+    let capable = |capability: &'static str, limit: usize| {
+        let repository = repository.clone();
+        async move {
+            let mut records = repository
+                .capable_agents(capability, limit)
+                .await
+                .expect("capable agents");
+            records.sort_by(|a, b| a.value.agent_id.cmp(&b.value.agent_id));
+            records
+                .into_iter()
+                .map(|r| (r.version, r.value))
+                .collect::<Vec<_>>()
+        }
+    };
+    let a = agent("a", &["x"], AgentState::Idle);
+    let b = agent("b", &["x", "y"], AgentState::Idle);
+    for record in [&a, &b, &agent("c", &["y"], AgentState::Idle)] {
+        put(&repository, record, 0, &[], None, at(0)).await;
+    }
+    assert_eq!(capable("x", 10).await, [(1, a.clone()), (1, b.clone())]);
+    assert_eq!(capable("x", 1).await.len(), 1, "at most the limit");
+    assert!(capable("z", 10).await.is_empty());
+
+    // A session commit leasing `a` is what the next placement sees.
+    let s = session("01890a5d-ac96-774b-bcce-b302099a8057", "w");
+    let mut leased = a.clone();
+    leased.leases.push(opscore::model::Lease {
+        session_id: s.session_id.clone(),
+        task_id: "t".into(),
+        lease_epoch: 1,
+    });
+    let mut commit = session_commit(&s, 0);
+    commit.agents = vec![(&leased, 1)];
+    assert_eq!(
+        repository.commit_session(commit).await.expect("commit"),
+        SessionCommitOutcome::Committed
+    );
+    assert_eq!(capable("x", 10).await, [(2, leased), (1, b)]);
+}
+
 async fn sessions_list_newest_first_and_track_waiting_and_timers<R: Repository>(repository: R) {
     let older = session("01890a5d-ac96-774b-bcce-b302099a8057", "w1");
     let newer = session("01890a5d-ac96-774b-bcce-b302099a8058", "w2");
@@ -836,6 +877,7 @@ contract!(
     sessions_commit_with_their_agents_atomically,
     a_change_starts_from_the_last_committed_record,
     a_commit_tells_whether_sessions_wait_for_the_capabilities,
+    capable_agents_are_the_stored_records,
     sessions_list_newest_first_and_track_waiting_and_timers,
     workflow_versions_are_immutable,
 );
@@ -925,6 +967,50 @@ async fn redis_a_record_created_again_is_not_taken_for_the_one_kept() {
     );
     let current = for_change(&first, "a").await;
     assert_eq!((current.version, current.value), (1, new));
+}
+
+/// A placement reads the candidates as stored, whatever this worker keeps: records another
+/// worker changed, and a record lost and created again up to the version kept.
+#[tokio::test]
+async fn redis_candidates_are_read_as_stored_whatever_is_kept() {
+    let server = common::RedisServer::start();
+    let (first, second) = (redis_repository(&server), redis_repository(&server));
+    let candidates = |repository: &RedisRepository| {
+        let repository = repository.clone();
+        async move {
+            let records = repository.capable_agents("x", 10).await.expect("capable");
+            records
+                .into_iter()
+                .map(|r| (r.version, r.value))
+                .collect::<Vec<_>>()
+        }
+    };
+    let old = agent("a", &["x"], AgentState::Idle);
+    put(&first, &old, 0, &[], None, at(0)).await;
+    assert_eq!(candidates(&first).await, [(1, old.clone())]);
+
+    let mut busy = old.clone();
+    busy.state = AgentState::Busy;
+    put(&second, &busy, 1, &old.capabilities, None, at(1)).await;
+    assert_eq!(
+        candidates(&first).await,
+        [(2, busy.clone())],
+        "changed by another worker"
+    );
+
+    let mut connection = server.connection().await;
+    let _: () = ::redis::cmd("FLUSHDB")
+        .query_async(&mut connection)
+        .await
+        .expect("flush");
+    let new = agent("a", &["x"], AgentState::Active);
+    put(&second, &new, 0, &[], None, at(2)).await;
+    put(&second, &new, 1, &old.capabilities, None, at(3)).await;
+    assert_eq!(
+        candidates(&first).await,
+        [(2, new)],
+        "the same version in another life"
+    );
 }
 
 #[tokio::test]

@@ -334,6 +334,60 @@ async fn a_busy_agent_gets_the_next_task_when_its_slot_frees() {
     s.worker.stop().await;
 }
 
+/// A freed slot goes to the first waiting session that can take it; the sessions after it
+/// are not read again only to find every agent busy. The worker runs as a child process, so
+/// that its metrics count this test's placements alone.
+#[tokio::test]
+async fn a_freed_slot_wakes_one_waiting_session_not_all() {
+    let nats = NatsServer::start();
+    let redis = RedisServer::start();
+    let mut worker = ChildWorker::spawn(&env_vars(
+        &nats,
+        &redis,
+        &[("OPSCORE__WORKFLOWS__RECONCILE_INTERVAL_SECS", "86400")],
+    ));
+    worker.wait_until_serving(&nats).await;
+    let metrics = format!("http://{}/metrics", admin_address(&nats).await);
+    let mut status = Watcher::subscribe(&nats, "opscore.status.>").await;
+    let mut agent = SimAgent::start(&nats, "solo-1", &["solo"], 1).await;
+    let definition = workflow("herd", json!([task("t", "solo", &[])]));
+    let mut sessions = Vec::new();
+    for _ in 0..4 {
+        sessions.push(trigger(&nats, json!({"workflowDefinition": definition.clone()})).await);
+    }
+    let mut assignment = agent.next_assignment().await;
+    for _ in 0..3 {
+        status
+            .expect("all_capable_agents_busy", |_, body| {
+                body["data"]["reason"]["reason"] == "all_capable_agents_busy"
+            })
+            .await;
+    }
+    let before = metrics_text(&metrics).await;
+
+    for _ in 0..3 {
+        agent.complete(&assignment, json!(null)).await;
+        assignment = agent.next_assignment().await;
+    }
+    agent.complete(&assignment, json!(null)).await;
+    // Results are applied in the agent's order, each with its follow-up: once every session
+    // completed, the placements the first three results caused are over.
+    let ended = wait_for_sessions(&nats, &sessions).await;
+    assert!(
+        ended.iter().all(|s| s["status"] == "completed"),
+        "{ended:?}"
+    );
+
+    let after = metrics_text(&metrics).await;
+    let moved = |outcome: &str| {
+        let name = format!("opscore_placements_total{{outcome=\"{outcome}\"}}");
+        sample(&after, &name) - sample(&before, &name)
+    };
+    assert_eq!(moved("dispatched"), 3.0, "{after}");
+    assert_eq!(moved("unchanged"), 0.0, "{after}");
+    worker.kill();
+}
+
 #[tokio::test]
 async fn cancelling_a_session_reaches_the_agent_and_frees_its_slot() {
     let mut s = setup(&[]).await;

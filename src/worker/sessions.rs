@@ -107,6 +107,31 @@ struct FollowUps {
     sessions: BTreeSet<String>,
     /// Capabilities of agents that can take more tasks now: sessions waiting for them.
     capabilities: BTreeSet<String>,
+    /// Place every waiting session read, even after a placement found no free slot left:
+    /// an agent that appeared or came back can change why sessions wait (from
+    /// `no_capable_agent` to `all_capable_agents_busy`). A released slot changes no reason, so
+    /// the sessions after the one that takes it are skipped.
+    every_waiting: bool,
+}
+
+/// What placing the ready tasks of one session did.
+#[derive(Debug)]
+struct Placement {
+    outcome: SessionOutcome,
+    dispatched: usize,
+    /// Capabilities of the session's ready tasks that no agent could take a task of once the
+    /// placement was done: other sessions waiting for them need not be tried now.
+    saturated: BTreeSet<String>,
+}
+
+impl Placement {
+    fn new(outcome: SessionOutcome, dispatched: usize) -> Self {
+        Self {
+            outcome,
+            dispatched,
+            saturated: BTreeSet::new(),
+        }
+    }
 }
 
 /// Sessions as the worker runs them.
@@ -191,6 +216,7 @@ impl<R: Repository> Sessions<R> {
             }),
             sessions: BTreeSet::from([session_id.clone()]),
             capabilities: BTreeSet::new(),
+            every_waiting: false,
         })
         .await;
         Ok(Triggered {
@@ -278,7 +304,7 @@ impl<R: Repository> Sessions<R> {
                 })
                 .await?
             }
-            TimerKind::Backoff { .. } => self.place(&timer.session_id, &key, None).await?.0,
+            TimerKind::Backoff { .. } => self.place(&timer.session_id, &key, None).await?.outcome,
         };
         if outcome == SessionOutcome::NotFound {
             self.repository.clear_timers(&key).await?;
@@ -293,6 +319,7 @@ impl<R: Repository> Sessions<R> {
             committed: None,
             sessions: BTreeSet::new(),
             capabilities: capabilities.iter().cloned().collect(),
+            every_waiting: true,
         })
         .await;
     }
@@ -301,8 +328,7 @@ impl<R: Repository> Sessions<R> {
     /// eligible agents ([`choose_agent`]), or records why it waits. Returns how many tasks
     /// were dispatched.
     pub async fn schedule(&self, session_id: &str) -> Result<usize, RepositoryError> {
-        let (_, dispatched) = self.place(session_id, &[], None).await?;
-        Ok(dispatched)
+        Ok(self.place(session_id, &[], None).await?.dispatched)
     }
 
     /// Places the ready tasks of `session_id`, starting from `known` when the caller has just
@@ -312,7 +338,7 @@ impl<R: Repository> Sessions<R> {
         session_id: &str,
         timers_fired: &[String],
         mut known: Option<Versioned<Session>>,
-    ) -> Result<(SessionOutcome, usize), RepositoryError> {
+    ) -> Result<Placement, RepositoryError> {
         let mut total = 0;
         let mut timers_fired = timers_fired;
         for attempt in 0..MAX_ATTEMPTS {
@@ -320,13 +346,13 @@ impl<R: Repository> Sessions<R> {
                 Some(record) => record,
                 None => match self.repository.load_session(session_id).await? {
                     Some(record) => record,
-                    None => return Ok((SessionOutcome::NotFound, total)),
+                    None => return Ok(Placement::new(SessionOutcome::NotFound, total)),
                 },
             };
             let now = Utc::now();
             let ready = record.value.ready_tasks(now);
             if ready.is_empty() && timers_fired.is_empty() {
-                return Ok((SessionOutcome::Applied, total));
+                return Ok(Placement::new(SessionOutcome::Applied, total));
             }
             let mut dispatched = 0;
             let mut began_waiting = false;
@@ -393,12 +419,23 @@ impl<R: Repository> Sessions<R> {
                 change.absorb(&self.repository, effects).await?;
             }
 
+            let placed = Placement {
+                outcome: SessionOutcome::Applied,
+                dispatched: total + dispatched,
+                saturated: saturated(&change.agents, &capabilities),
+            };
             // Every task still waits for the same reason: nothing to write.
             if change.session == unchanged && change.is_empty() {
-                return Ok((SessionOutcome::Applied, total));
+                count_placement("unchanged");
+                return Ok(placed);
             }
             match change.commit(&self.repository, None, None).await? {
                 SessionCommitOutcome::Committed => {
+                    count_placement(if dispatched > 0 {
+                        "dispatched"
+                    } else {
+                        "waiting"
+                    });
                     crate::faults::crash_point("after_commit");
                     metrics::counter!("opscore_tasks_dispatched_total")
                         .increment(dispatched as u64);
@@ -406,7 +443,7 @@ impl<R: Repository> Sessions<R> {
                     crate::faults::crash_point("after_publish");
                     total += dispatched;
                     if !began_waiting {
-                        return Ok((SessionOutcome::Applied, total));
+                        return Ok(placed);
                     }
                     // A slot freed after the candidates were read and before this commit put
                     // the session among the waiting ones would wake nobody: the agent's
@@ -416,14 +453,15 @@ impl<R: Repository> Sessions<R> {
                     timers_fired = &[];
                 }
                 SessionCommitOutcome::Conflict => {
+                    count_placement("conflict");
                     debug!(session_id, "placement conflict; retrying")
                 }
                 SessionCommitOutcome::Duplicate | SessionCommitOutcome::KeyTaken(_) => {
-                    return Ok((SessionOutcome::Duplicate, total));
+                    return Ok(Placement::new(SessionOutcome::Duplicate, total));
                 }
             }
         }
-        Ok((SessionOutcome::Contended, total))
+        Ok(Placement::new(SessionOutcome::Contended, total))
     }
 
     /// Loads a session, applies `decide`, commits with the agents whose leases it released,
@@ -472,6 +510,7 @@ impl<R: Repository> Sessions<R> {
                         }),
                         sessions: BTreeSet::from([session_id.to_owned()]),
                         capabilities,
+                        every_waiting: false,
                     };
                     self.follow_up(follow_ups).await;
                     return Ok(SessionOutcome::Applied);
@@ -489,39 +528,59 @@ impl<R: Repository> Sessions<R> {
     /// capabilities. Failures are left to the reconciler.
     async fn follow_up(&self, follow_ups: FollowUps) {
         let mut committed = follow_ups.committed;
-        let mut sessions: VecDeque<String> = follow_ups.sessions.into_iter().collect();
+        // Each session with the capability it waits for, if it is queued as a waiting one.
+        let mut sessions: Vec<(String, Option<String>)> = follow_ups
+            .sessions
+            .into_iter()
+            .map(|session_id| (session_id, None))
+            .collect();
         for capability in &follow_ups.capabilities {
             match self
                 .repository
                 .waiting_sessions(capability, WAITING_BATCH)
                 .await
             {
-                Ok(waiting) => sessions.extend(waiting),
+                Ok(waiting) => sessions.extend(
+                    waiting
+                        .into_iter()
+                        .map(|session_id| (session_id, Some(capability.clone()))),
+                ),
                 Err(error) => debug!(%error, capability, "cannot read waiting sessions"),
             }
         }
         let mut seen = BTreeSet::new();
-        let mut queue: VecDeque<(String, u32)> = sessions
+        let mut queue: VecDeque<(String, Option<String>, u32)> = sessions
             .into_iter()
-            .filter(|session_id| seen.insert(session_id.clone()))
-            .map(|session_id| (session_id, 0))
+            .filter(|(session_id, _)| seen.insert(session_id.clone()))
+            .map(|(session_id, waits_for)| (session_id, waits_for, 0))
             .collect();
-        while let Some((session_id, round)) = queue.pop_front() {
+        let mut saturated = BTreeSet::new();
+        while let Some((session_id, waits_for, round)) = queue.pop_front() {
+            // A placement found no agent of this capability able to take a task: the other
+            // sessions waiting for it would only read the same. A slot freed after that
+            // placement read the agents wakes them through its own follow-up.
+            if !follow_ups.every_waiting
+                && waits_for.as_ref().is_some_and(|c| saturated.contains(c))
+            {
+                continue;
+            }
             let known = committed.take_if(|record| record.value.session_id == session_id);
             match self.place(&session_id, &[], known).await {
-                Ok((SessionOutcome::Contended, _)) if round < CONTENDED_ROUNDS => {
-                    // Every attempt lost a race for an agent record: other placements hold
-                    // the agents this session's tasks want. Step back for a random moment so
-                    // the racers drift apart, then try again after the rest of the queue.
-                    let pause = rand::random_range(1..=CONTENDED_PAUSE_MS << round);
-                    tokio::time::sleep(Duration::from_millis(pause)).await;
-                    queue.push_back((session_id, round + 1));
+                Ok(placement) if placement.outcome == SessionOutcome::Contended => {
+                    if round < CONTENDED_ROUNDS {
+                        // Every attempt lost a race for an agent record: other placements
+                        // hold the agents this session's tasks want. Step back for a random
+                        // moment so the racers drift apart, then try again after the rest
+                        // of the queue.
+                        let pause = rand::random_range(1..=CONTENDED_PAUSE_MS << round);
+                        tokio::time::sleep(Duration::from_millis(pause)).await;
+                        queue.push_back((session_id, waits_for, round + 1));
+                    } else {
+                        metrics::counter!("opscore_placements_contended_total").increment(1);
+                        debug!(session_id, "placement contended; the reconciler will retry");
+                    }
                 }
-                Ok((SessionOutcome::Contended, _)) => {
-                    metrics::counter!("opscore_placements_contended_total").increment(1);
-                    debug!(session_id, "placement contended; the reconciler will retry");
-                }
-                Ok(_) => {}
+                Ok(placement) => saturated.extend(placement.saturated),
                 Err(error) => {
                     debug!(%error, session_id, "placement failed; the reconciler will retry")
                 }
@@ -800,6 +859,24 @@ fn dispatch_message(
     let subject = subjects::dispatch(agent_id)
         .unwrap_or_else(|_| format!("opscore.dispatch.invalid-{}", json!(agent_id)));
     OutboxMessage::cloudevent(id, subject, event_type, now, data)
+}
+
+/// Counts one placement attempt that read the candidates, by how it ended.
+fn count_placement(outcome: &'static str) {
+    metrics::counter!("opscore_placements_total", "outcome" => outcome).increment(1);
+}
+
+/// The capabilities among `capabilities` that none of `agents` can take a task of now.
+fn saturated(
+    agents: &BTreeMap<String, (Agent, u64)>,
+    capabilities: &BTreeSet<String>,
+) -> BTreeSet<String> {
+    let candidates: Vec<Candidate> = agents.values().map(|(agent, _)| candidate(agent)).collect();
+    capabilities
+        .iter()
+        .filter(|capability| choose_agent(&candidates, capability, None, 0).is_err())
+        .cloned()
+        .collect()
 }
 
 fn candidate(agent: &Agent) -> Candidate {

@@ -946,6 +946,26 @@ pub async fn wait_for_sessions(nats: &NatsServer, session_ids: &[String]) -> Vec
     sessions
 }
 
+/// The Prometheus text a worker's `/metrics` serves.
+pub async fn metrics_text(url: &str) -> String {
+    http()
+        .get(url)
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body")
+}
+
+/// The value of one sample of a Prometheus text, named as exposed (`name{label="value"}`);
+/// 0 when the worker has not exposed it yet.
+pub fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .map_or(0.0, |value| value.trim().parse().expect("a sample value"))
+}
+
 /// An HTTP client; reqwest is built without a default TLS provider, so install rustls' ring
 /// provider first (once per process).
 pub fn http() -> reqwest::Client {

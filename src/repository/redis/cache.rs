@@ -1,11 +1,13 @@
-//! The agent records this process last committed, so that the next change of the same agent
-//! is computed without reading the record back first.
+//! The agent records this process last committed or read whole, so that the next change of the
+//! same agent is computed without reading the record back first, and a placement reading the
+//! candidates for a task decodes only the records changed since.
 //!
 //! A cached record may be stale: another worker, or a session commit elsewhere, may have
 //! changed the agent since. That costs one compare-and-set conflict, whose reply carries the
 //! current record, and the cache holds that one from then on. Each record is kept with its
 //! incarnation, so that a record deleted or lost and created again up to the same version is
-//! not mistaken for the one kept. Reads that must be current (`load`, the control API,
+//! not mistaken for the one kept. A placement takes a kept record only when Redis holds the same
+//! version in the same incarnation. Reads that must be current (`load`, the control API,
 //! listings) never look here.
 
 use std::collections::HashMap;
@@ -32,6 +34,23 @@ struct Kept {
 impl AgentCache {
     pub(super) fn get(&self, agent_id: &str) -> Option<Versioned<Agent>> {
         self.records().get(agent_id).map(|kept| kept.record.clone())
+    }
+
+    pub(super) fn contains(&self, agent_id: &str) -> bool {
+        self.records().contains_key(agent_id)
+    }
+
+    /// The record kept for `agent_id`, if it is the one at `version` in `incarnation`.
+    pub(super) fn get_current(
+        &self,
+        agent_id: &str,
+        version: u64,
+        incarnation: &str,
+    ) -> Option<Versioned<Agent>> {
+        self.records()
+            .get(agent_id)
+            .filter(|kept| kept.record.version == version && kept.incarnation == incarnation)
+            .map(|kept| kept.record.clone())
     }
 
     /// The incarnation of the record kept for `agent_id`, if it is the one at `version`.
@@ -96,6 +115,9 @@ mod tests {
         assert_eq!(cache.get("a").map(|r| r.version), Some(2));
         assert_eq!(cache.incarnation("a", 2).as_deref(), Some("i1"));
         assert_eq!(cache.incarnation("a", 1), None, "only for the version kept");
+        assert!(cache.get_current("a", 2, "i1").is_some());
+        assert!(cache.get_current("a", 1, "i1").is_none(), "another version");
+        assert!(cache.get_current("a", 2, "i2").is_none(), "another life");
         cache.forget("a");
         assert_eq!(cache.get("a"), None);
     }

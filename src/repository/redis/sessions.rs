@@ -53,6 +53,59 @@ impl RedisRepository {
         }
         Ok(records)
     }
+
+    /// Reads the records of `ids`, missing ones skipped. A kept record stands for the stored
+    /// one when Redis holds the same version in the same incarnation, so only the version and
+    /// incarnation of a kept record cross the wire; the others are read whole, decoded and
+    /// kept. A kept record found stale costs a second round trip.
+    async fn load_agents(
+        &self,
+        ids: Vec<String>,
+    ) -> Result<Vec<Versioned<Agent>>, RepositoryError> {
+        let mut connection = self.connection.clone();
+        let mut records = Vec::with_capacity(ids.len());
+        let mut unread = ids;
+        for whole in [false, true] {
+            if unread.is_empty() {
+                break;
+            }
+            let mut pipe = redis::pipe();
+            for id in &unread {
+                let command = pipe.cmd("HMGET").arg(self.keys.agent(id)).arg("v").arg("i");
+                if whole || !self.agents.contains(id) {
+                    command.arg("d");
+                }
+            }
+            let rows: Vec<Vec<Option<String>>> = pipe
+                .query_async(&mut connection)
+                .await
+                .map_err(unavailable)?;
+            let mut stale = Vec::new();
+            for (id, row) in unread.into_iter().zip(rows) {
+                let key = self.keys.agent(&id);
+                let mut fields = row.into_iter();
+                let mut field = || fields.next().flatten();
+                let (Some(version), incarnation) = (field(), field().unwrap_or_default()) else {
+                    continue;
+                };
+                let version: u64 = decode(&key, &version)?;
+                if let Some(record) = self.agents.get_current(&id, version, &incarnation) {
+                    records.push(record);
+                } else if let Some(data) = field() {
+                    let record = Versioned {
+                        version,
+                        value: decode(&key, &data)?,
+                    };
+                    self.agents.put(record.clone(), incarnation);
+                    records.push(record);
+                } else {
+                    stale.push(id);
+                }
+            }
+            unread = stale;
+        }
+        Ok(records)
+    }
 }
 
 impl WorkflowRepository for RedisRepository {
@@ -353,8 +406,7 @@ impl SessionRepository for RedisRepository {
             .query_async(&mut connection)
             .await
             .map_err(unavailable)?;
-        let keys: Vec<String> = ids.iter().map(|id| self.keys.agent(id)).collect();
-        self.load_many(&keys).await
+        self.load_agents(ids).await
     }
 
     async fn claim_due_timers(
