@@ -22,6 +22,8 @@ const COUNTERS: &[&str] = &[
     "opscore_tasks_timed_out_total",
     "opscore_outbox_republished_total",
     "opscore_storage_errors_total",
+    "opscore_placements_total",
+    "opscore_placements_contended_total",
 ];
 
 /// One Prometheus histogram, summed over every worker that exposes it.

@@ -2,6 +2,7 @@
 //! control API until asked to stop.
 
 mod agents;
+mod claims;
 pub(crate) mod consumer;
 mod handler;
 mod recover;

@@ -6,12 +6,14 @@
 //! capabilities), an agent that registers or becomes idle does the same.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
 use tracing::{debug, info, warn};
 
+use super::claims::{Claim, Claims};
 use crate::bus::Publisher;
 use crate::model::{Agent, Lease};
 use crate::outbox::OutboxMessage;
@@ -139,6 +141,8 @@ impl Placement {
 pub struct Sessions<R> {
     repository: R,
     publisher: Publisher,
+    /// Slots this process's placements are about to take, shared by every clone.
+    claims: Arc<Claims>,
 }
 
 impl<R: Repository> Sessions<R> {
@@ -146,6 +150,7 @@ impl<R: Repository> Sessions<R> {
         Self {
             repository,
             publisher,
+            claims: Arc::default(),
         }
     }
 
@@ -381,18 +386,42 @@ impl<R: Repository> Sessions<R> {
             change.agents = agents;
             change.timers_clear.extend(timers_fired.iter().cloned());
             let pinned = change.session.agent_id.clone();
+            // Held until this attempt's commit is done.
+            let mut claimed: Vec<Claim> = Vec::new();
             for task_id in ready {
                 let Some(task) = change.session.tasks.iter().find(|t| t.task_id == task_id) else {
                     continue;
                 };
                 let capability = task.capability.clone();
-                let candidates: Vec<Candidate> = change
-                    .agents
-                    .values()
-                    .map(|(agent, _)| candidate(agent))
-                    .collect();
                 let spread = spread(session_id, &task_id, attempt);
-                let choice = choose_agent(&candidates, &capability, pinned.as_deref(), spread);
+                // This attempt's own claims are already leases in `change.agents`.
+                let claimed_elsewhere = |agent_id: &str| {
+                    let own = claimed.iter().filter(|c| c.agent_id() == agent_id).count();
+                    let own = u32::try_from(own).unwrap_or(u32::MAX);
+                    self.claims.held(agent_id).saturating_sub(own)
+                };
+                let choose = |count_claims: bool| {
+                    let candidates: Vec<Candidate> = change
+                        .agents
+                        .values()
+                        .map(|(agent, _)| {
+                            let taken = if count_claims {
+                                claimed_elsewhere(&agent.agent_id)
+                            } else {
+                                0
+                            };
+                            candidate(agent, taken)
+                        })
+                        .collect();
+                    choose_agent(&candidates, &capability, pinned.as_deref(), spread)
+                };
+                // Slots other placements claimed rank as taken, unless no other slot is
+                // free: then the task races for one rather than wait for a claim that may
+                // yet be given back.
+                let choice = match choose(true) {
+                    Err(PendingReason::AllCapableAgentsBusy) => choose(false),
+                    choice => choice,
+                };
                 let effects = match choice {
                     Ok(agent_id) => {
                         let effects = change.session.assign(&task_id, &agent_id, now);
@@ -401,6 +430,7 @@ impl<R: Repository> Sessions<R> {
                             warn!(%e, session_id, task_id, "placement refused");
                         });
                         let Ok(effects) = effects else { continue };
+                        claimed.push(self.claims.claim(&agent_id));
                         change.reserve(&agent_id, &task_id, now);
                         dispatched += 1;
                         effects
@@ -871,7 +901,10 @@ fn saturated(
     agents: &BTreeMap<String, (Agent, u64)>,
     capabilities: &BTreeSet<String>,
 ) -> BTreeSet<String> {
-    let candidates: Vec<Candidate> = agents.values().map(|(agent, _)| candidate(agent)).collect();
+    let candidates: Vec<Candidate> = agents
+        .values()
+        .map(|(agent, _)| candidate(agent, 0))
+        .collect();
     capabilities
         .iter()
         .filter(|capability| choose_agent(&candidates, capability, None, 0).is_err())
@@ -879,7 +912,9 @@ fn saturated(
         .collect()
 }
 
-fn candidate(agent: &Agent) -> Candidate {
+/// The scheduler's view of `agent`, with `claimed` more of its slots counted as taken.
+fn candidate(agent: &Agent, claimed: u32) -> Candidate {
+    let leases = u32::try_from(agent.leases.len()).unwrap_or(u32::MAX);
     Candidate {
         agent_id: agent.agent_id.clone(),
         capabilities: agent.capabilities.clone(),
@@ -887,7 +922,7 @@ fn candidate(agent: &Agent) -> Candidate {
         state: agent.state.as_str().to_owned(),
         deregistered: agent.deregistered,
         max_concurrent_tasks: agent.max_concurrent_tasks,
-        leases_held: u32::try_from(agent.leases.len()).unwrap_or(u32::MAX),
+        leases_held: leases.saturating_add(claimed),
         last_assigned_at: agent.last_assigned_at,
     }
 }
