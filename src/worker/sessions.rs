@@ -388,7 +388,16 @@ impl<R: Repository> Sessions<R> {
             let pinned = change.session.agent_id.clone();
             // Held until this attempt's commit is done.
             let mut claimed: Vec<Claim> = Vec::new();
+            // After a lost race, one dispatch per commit: a commit that reserves slots on
+            // several agents fails if any of them changed since it was read, and under load
+            // one of them nearly always has. The tasks left over go in the next attempts.
+            let one_at_a_time = attempt > 0;
+            let mut deferred = false;
             for task_id in ready {
+                if one_at_a_time && dispatched > 0 {
+                    deferred = true;
+                    break;
+                }
                 let Some(task) = change.session.tasks.iter().find(|t| t.task_id == task_id) else {
                     continue;
                 };
@@ -472,15 +481,23 @@ impl<R: Repository> Sessions<R> {
                     self.publisher.flush(&self.repository, &change.outbox).await;
                     crate::faults::crash_point("after_publish");
                     total += dispatched;
-                    if !began_waiting {
+                    timers_fired = &[];
+                    if began_waiting {
+                        // A slot freed after the candidates were read and before this commit
+                        // put the session among the waiting ones would wake nobody: the
+                        // agent's follow-up looked for waiting sessions too early. Reading
+                        // the candidates once more, now that the session is visibly waiting,
+                        // closes that gap: a slot freed later finds the session through its
+                        // follow-up.
+                        continue;
+                    }
+                    if !deferred {
                         return Ok(placed);
                     }
-                    // A slot freed after the candidates were read and before this commit put
-                    // the session among the waiting ones would wake nobody: the agent's
-                    // follow-up looked for waiting sessions too early. Reading the candidates
-                    // once more, now that the session is visibly waiting, closes that gap:
-                    // a slot freed later finds the session through its follow-up.
-                    timers_fired = &[];
+                    known = Some(Versioned {
+                        version: change.version + 1,
+                        value: change.session,
+                    });
                 }
                 SessionCommitOutcome::Conflict => {
                     count_placement("conflict");

@@ -313,14 +313,37 @@ pub struct InProcessWorker {
 impl InProcessWorker {
     /// Starts the worker and returns once its control API answers.
     pub async fn start(settings: Settings, nats: &NatsServer) -> Self {
-        let shutdown = CancellationToken::new();
-        let token = shutdown.clone();
-        let task = tokio::spawn(async move {
-            opscore::worker::run(settings, token)
-                .await
-                .expect("worker runs");
-        });
+        let worker = Self::spawn(|token| opscore::worker::run(settings, token));
         wait_until_serving(nats).await;
+        worker
+    }
+
+    /// Like [`InProcessWorker::start`], on a repository of the test's own.
+    pub async fn start_with<R: opscore::repository::Repository>(
+        settings: Settings,
+        repository: R,
+        nats: &NatsServer,
+    ) -> Self {
+        let worker = Self::spawn(|token| opscore::worker::run_with(settings, repository, token));
+        wait_until_serving(nats).await;
+        worker
+    }
+
+    /// Like [`InProcessWorker::start`], waiting with a client of the caller's (for servers
+    /// that require authentication).
+    pub async fn start_as(settings: Settings, client: &async_nats::Client) -> Self {
+        let worker = Self::spawn(|token| opscore::worker::run(settings, token));
+        wait_for_ping(client).await;
+        worker
+    }
+
+    fn spawn<F>(run: impl FnOnce(CancellationToken) -> F) -> Self
+    where
+        F: Future<Output = Result<(), opscore::worker::StartError>> + Send + 'static,
+    {
+        let shutdown = CancellationToken::new();
+        let running = run(shutdown.clone());
+        let task = tokio::spawn(async move { running.await.expect("worker runs") });
         Self {
             shutdown,
             task: Some(task),
@@ -334,25 +357,6 @@ impl InProcessWorker {
                 .await
                 .expect("worker stops within the grace period")
                 .expect("worker task");
-        }
-    }
-}
-
-impl InProcessWorker {
-    /// Like [`InProcessWorker::start`], waiting with a client of the caller's (for servers
-    /// that require authentication).
-    pub async fn start_as(settings: Settings, client: &async_nats::Client) -> Self {
-        let shutdown = CancellationToken::new();
-        let token = shutdown.clone();
-        let task = tokio::spawn(async move {
-            opscore::worker::run(settings, token)
-                .await
-                .expect("worker runs");
-        });
-        wait_for_ping(client).await;
-        Self {
-            shutdown,
-            task: Some(task),
         }
     }
 }
