@@ -16,9 +16,10 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use crate::model::Agent;
 use crate::repository::Versioned;
 
-/// Records kept at most, a few MiB: the agents that report most often stay in, and the
-/// worker's memory does not grow with the registry.
-pub(super) const CAPACITY: usize = 4096;
+/// Records kept at most, a couple of MiB: the worker's memory does not grow with the registry.
+/// A fleet with more agents than this reporting at once pays one more read for each report of
+/// an agent not kept.
+pub(super) const CAPACITY: usize = 1024;
 
 #[derive(Debug, Default)]
 pub(super) struct AgentCache {
