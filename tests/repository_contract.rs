@@ -503,12 +503,7 @@ async fn sessions_commit_with_their_agents_atomically<R: Repository>(repository:
             .is_none()
     );
 
-    let mut leased = a.clone();
-    leased.leases.push(opscore::model::Lease {
-        session_id: s.session_id.clone(),
-        task_id: "t".into(),
-        lease_epoch: 1,
-    });
+    let leased = with_lease(&a, &s);
     let mut commit = session_commit(&s, 0);
     commit.agents = vec![(&leased, 1)];
     commit.event = Some(("a", "e1"));
@@ -555,19 +550,7 @@ async fn a_change_starts_from_the_last_committed_record<R: Repository>(repositor
     assert_eq!(base.map(|r| r.version), Some(1));
 
     // A session commit that leases the agent: the next change starts from what it wrote.
-    let s = session("01890a5d-ac96-774b-bcce-b302099a8057", "w");
-    let mut leased = a.clone();
-    leased.leases.push(opscore::model::Lease {
-        session_id: s.session_id.clone(),
-        task_id: "t".into(),
-        lease_epoch: 1,
-    });
-    let mut commit = session_commit(&s, 0);
-    commit.agents = vec![(&leased, 1)];
-    assert_eq!(
-        repository.commit_session(commit).await.expect("commit"),
-        SessionCommitOutcome::Committed
-    );
+    lease_in_new_session(&repository, &a).await;
     let current = for_change(&repository, "a").await;
     assert_eq!((current.version, current.value.leases.len()), (2, 1));
 
@@ -682,20 +665,33 @@ async fn capable_agents_are_the_stored_records<R: Repository>(repository: R) {
     assert!(capable("z", 10).await.is_empty());
 
     // A session commit leasing `a` is what the next placement sees.
+    let leased = lease_in_new_session(&repository, &a).await;
+    assert_eq!(capable("x", 10).await, [(2, leased), (1, b)]);
+}
+
+/// Commits a new session that takes a lease on `agent`, stored at version 1; returns the
+/// agent's record as committed.
+async fn lease_in_new_session<R: Repository>(repository: &R, agent: &Agent) -> Agent {
     let s = session("01890a5d-ac96-774b-bcce-b302099a8057", "w");
-    let mut leased = a.clone();
-    leased.leases.push(opscore::model::Lease {
-        session_id: s.session_id.clone(),
-        task_id: "t".into(),
-        lease_epoch: 1,
-    });
+    let leased = with_lease(agent, &s);
     let mut commit = session_commit(&s, 0);
     commit.agents = vec![(&leased, 1)];
     assert_eq!(
         repository.commit_session(commit).await.expect("commit"),
         SessionCommitOutcome::Committed
     );
-    assert_eq!(capable("x", 10).await, [(2, leased), (1, b)]);
+    leased
+}
+
+/// `agent` holding the lease of task `t` of `session`.
+fn with_lease(agent: &Agent, session: &Session) -> Agent {
+    let mut leased = agent.clone();
+    leased.leases.push(opscore::model::Lease {
+        session_id: session.session_id.clone(),
+        task_id: "t".into(),
+        lease_epoch: 1,
+    });
+    leased
 }
 
 async fn sessions_list_newest_first_and_track_waiting_and_timers<R: Repository>(repository: R) {
@@ -939,11 +935,7 @@ async fn redis_a_record_created_again_is_not_taken_for_the_one_kept() {
     let old = agent("a", &["x"], AgentState::Idle);
     put(&first, &old, 0, &[], None, at(0)).await;
 
-    let mut connection = server.connection().await;
-    let _: () = ::redis::cmd("FLUSHDB")
-        .query_async(&mut connection)
-        .await
-        .expect("flush");
+    flush(&server).await;
     let new = agent("a", &["y"], AgentState::Busy);
     assert_eq!(
         put(&second, &new, 0, &[], None, at(1)).await,
@@ -998,11 +990,7 @@ async fn redis_candidates_are_read_as_stored_whatever_is_kept() {
         "changed by another worker"
     );
 
-    let mut connection = server.connection().await;
-    let _: () = ::redis::cmd("FLUSHDB")
-        .query_async(&mut connection)
-        .await
-        .expect("flush");
+    flush(&server).await;
     let new = agent("a", &["x"], AgentState::Active);
     put(&second, &new, 0, &[], None, at(2)).await;
     put(&second, &new, 1, &old.capabilities, None, at(3)).await;
@@ -1024,4 +1012,13 @@ async fn redis_reports_unavailability_as_a_retryable_error() {
         matches!(error, opscore::repository::RepositoryError::Unavailable(_)),
         "{error}"
     );
+}
+
+/// Empties the server's database, as a `FLUSHDB` by an operator would.
+async fn flush(server: &common::RedisServer) {
+    let mut connection = server.connection().await;
+    let _: () = ::redis::cmd("FLUSHDB")
+        .query_async(&mut connection)
+        .await
+        .expect("flush");
 }
