@@ -346,7 +346,9 @@ impl<R: Repository> Sessions<R> {
     ) -> Result<Placement, RepositoryError> {
         let mut total = 0;
         let mut timers_fired = timers_fired;
-        for attempt in 0..MAX_ATTEMPTS {
+        // Attempts made: a commit that leaves tasks for the next one does not count.
+        let mut attempt = 0;
+        while attempt < MAX_ATTEMPTS {
             let record = match known.take() {
                 Some(record) => record,
                 None => match self.repository.load_session(session_id).await? {
@@ -489,11 +491,13 @@ impl<R: Repository> Sessions<R> {
                         // the candidates once more, now that the session is visibly waiting,
                         // closes that gap: a slot freed later finds the session through its
                         // follow-up.
+                        attempt += 1;
                         continue;
                     }
                     if !deferred {
                         return Ok(placed);
                     }
+                    // Each such commit dispatched a task, so this ends with the ready tasks.
                     known = Some(Versioned {
                         version: change.version + 1,
                         value: change.session,
@@ -501,7 +505,8 @@ impl<R: Repository> Sessions<R> {
                 }
                 SessionCommitOutcome::Conflict => {
                     count_placement("conflict");
-                    debug!(session_id, "placement conflict; retrying")
+                    debug!(session_id, "placement conflict; retrying");
+                    attempt += 1;
                 }
                 SessionCommitOutcome::Duplicate | SessionCommitOutcome::KeyTaken(_) => {
                     return Ok(Placement::new(SessionOutcome::Duplicate, total));
