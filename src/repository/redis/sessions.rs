@@ -64,14 +64,20 @@ impl RedisRepository {
     ) -> Result<Vec<Versioned<Agent>>, RepositoryError> {
         let mut connection = self.connection.clone();
         let mut records = Vec::with_capacity(ids.len());
-        let mut unread = ids;
+        let mut unread: Vec<(String, String)> = ids
+            .into_iter()
+            .map(|id| {
+                let key = self.keys.agent(&id);
+                (id, key)
+            })
+            .collect();
         for whole in [false, true] {
             if unread.is_empty() {
                 break;
             }
             let mut pipe = redis::pipe();
-            for id in &unread {
-                let command = pipe.cmd("HMGET").arg(self.keys.agent(id)).arg("v").arg("i");
+            for (id, key) in &unread {
+                let command = pipe.cmd("HMGET").arg(key).arg("v").arg("i");
                 if whole || !self.agents.contains(id) {
                     command.arg("d");
                 }
@@ -81,8 +87,7 @@ impl RedisRepository {
                 .await
                 .map_err(unavailable)?;
             let mut stale = Vec::new();
-            for (id, row) in unread.into_iter().zip(rows) {
-                let key = self.keys.agent(&id);
+            for ((id, key), row) in unread.into_iter().zip(rows) {
                 let mut fields = row.into_iter();
                 let mut field = || fields.next().flatten();
                 let (Some(version), incarnation) = (field(), field().unwrap_or_default()) else {
@@ -99,7 +104,7 @@ impl RedisRepository {
                     self.agents.put(record.clone(), incarnation);
                     records.push(record);
                 } else {
-                    stale.push(id);
+                    stale.push((id, key));
                 }
             }
             unread = stale;
