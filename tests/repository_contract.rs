@@ -298,6 +298,39 @@ async fn listings_filter_follow_capability_changes_and_page<R: Repository>(repos
     assert_eq!(second.next_cursor, None);
 }
 
+/// A result releasing an agent's lease proves the agent alive: its session commit moves the
+/// agent's liveness deadline with the record.
+async fn a_session_commit_moves_the_liveness_of_the_agent_heard_from<R: Repository>(
+    repository: R,
+) {
+    let a = agent("a", &["x"], AgentState::Idle);
+    put(&repository, &a, 0, &[], None, at(0)).await; // deadline at(30)
+    let s = session("01890a5d-ac96-774b-bcce-b302099a8057", "w");
+    let mut commit = session_commit(&s, 0);
+    commit.agents = vec![(&a, 1)];
+    commit.liveness = Some(("a", at(90)));
+    assert_eq!(
+        repository.commit_session(commit).await.expect("commit"),
+        SessionCommitOutcome::Committed
+    );
+
+    assert!(
+        repository
+            .claim_due_liveness(at(89), at(200), 10)
+            .await
+            .expect("claim")
+            .is_empty(),
+        "the deadline of at(30) moved"
+    );
+    assert_eq!(
+        repository
+            .claim_due_liveness(at(90), at(200), 10)
+            .await
+            .expect("claim"),
+        ["a"]
+    );
+}
+
 async fn due_liveness_timers_are_claimed_once<R: Repository>(repository: R) {
     let a = agent("a", &["x"], AgentState::Idle);
     put(&repository, &a, 0, &[], None, at(0)).await; // deadline at(30)
@@ -472,6 +505,7 @@ fn session_commit<'a>(session: &'a Session, version: u64) -> SessionCommit<'a> {
         expected_version: version,
         agents: Vec::new(),
         event: None,
+        liveness: None,
         idempotency_key: None,
         waiting_leave: Vec::new(),
         waiting_join: Vec::new(),
@@ -868,6 +902,7 @@ contract!(
     history_is_capped_and_newest_first,
     listings_filter_follow_capability_changes_and_page,
     due_liveness_timers_are_claimed_once,
+    a_session_commit_moves_the_liveness_of_the_agent_heard_from,
     the_outbox_keeps_messages_until_removed,
     health_answers_and_commits_move_counters,
     sessions_commit_with_their_agents_atomically,

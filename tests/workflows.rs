@@ -630,6 +630,54 @@ async fn a_task_nobody_takes_fails_after_its_queue_timeout() {
     s.worker.stop().await;
 }
 
+/// An agent's record version, when it was last heard from and its liveness deadline (ms), as
+/// Redis holds them.
+async fn liveness_of(redis: &RedisServer, agent_id: &str) -> (u64, i64, i64) {
+    let mut connection = redis.connection().await;
+    let (version, data): (u64, String) = redis::cmd("HMGET")
+        .arg(format!("opscore:agent:{agent_id}"))
+        .arg("v")
+        .arg("d")
+        .query_async(&mut connection)
+        .await
+        .expect("agent record");
+    let record: Value = serde_json::from_str(&data).expect("record JSON");
+    let last_seen = record["lastSeen"]
+        .as_str()
+        .and_then(|at| chrono::DateTime::parse_from_rfc3339(at).ok())
+        .expect("lastSeen")
+        .timestamp_millis();
+    let deadline: f64 = redis::cmd("ZSCORE")
+        .arg("opscore:timers:liveness")
+        .arg(agent_id)
+        .query_async(&mut connection)
+        .await
+        .expect("liveness deadline");
+    (version, last_seen, deadline as i64)
+}
+
+/// A result proves its agent alive. The commit that frees the agent's slot moves its liveness
+/// deadline too, so the record is written once per result: a second write for liveness would
+/// fail placements racing for the agent.
+#[tokio::test]
+async fn a_result_refreshes_its_agents_liveness_in_the_commit_that_frees_its_slot() {
+    let s = setup(&[]).await;
+    let mut agent = SimAgent::start(&s.nats, "lively", &["test_capability"], 1).await;
+    trigger(&s.nats, json!({"workflowId": "sample_workflow_id"})).await;
+    let step = agent.next_assignment().await;
+    wait_until_quiet(&s.nats).await;
+    let (assigned, _, _) = liveness_of(&s.redis, "lively").await;
+
+    let sent = chrono::Utc::now().timestamp_millis();
+    agent.complete(&step, json!(1)).await;
+    wait_until_quiet(&s.nats).await;
+    let (version, last_seen, deadline) = liveness_of(&s.redis, "lively").await;
+    assert_eq!(version, assigned + 1, "one write for the slot and the liveness");
+    assert!(last_seen >= sent, "heard from at {last_seen}, result sent at {sent}");
+    assert_eq!(deadline, last_seen + 30_000, "the default liveness timeout");
+    s.worker.stop().await;
+}
+
 /// The fleet-wide counters behind the gauges, as Redis holds them.
 async fn counters(redis: &RedisServer) -> std::collections::HashMap<String, i64> {
     let mut connection = redis.connection().await;

@@ -21,6 +21,9 @@ pub struct SessionCommit<'a> {
     pub agents: Vec<(&'a Agent, u64)>,
     /// The inbound event applied, recorded in this agent's applied-event ids.
     pub event: Option<(&'a str, &'a str)>,
+    /// An agent heard from with this change, one of `agents`: its liveness deadline moves to
+    /// this time, as any event from the agent would move it.
+    pub liveness: Option<(&'a str, DateTime<Utc>)>,
     /// For a new session: the trigger's idempotency key, claimed atomically.
     pub idempotency_key: Option<&'a str>,
     /// Capabilities whose waiting index the session leaves, and those it joins.

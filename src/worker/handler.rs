@@ -179,10 +179,18 @@ impl<R: Repository> Handler<R> {
                 {
                     crate::faults::crash_point("before_legacy_task");
                     let task_event = format!("{event_id}#task");
+                    // The state's own commit refreshed the agent's liveness already.
                     let result = self
                         .sessions
-                        .report(agent_id, &task_event, &task_id, Report::Legacy(report))
-                        .await;
+                        .report(
+                            agent_id,
+                            &task_event,
+                            &task_id,
+                            Report::Legacy(report),
+                            false,
+                        )
+                        .await
+                        .map(|reported| reported.outcome);
                     // The state itself is applied; a task it names that belongs to no session
                     // only makes the report meaningless for tasks, not undeliverable.
                     match self.task_outcome(&task_id, result) {
@@ -199,17 +207,21 @@ impl<R: Repository> Handler<R> {
                 outcome
             }
             Event::Task { task_id, report } => {
-                let result = self
-                    .sessions
-                    .report(agent_id, event_id, &task_id, report)
-                    .await;
-                let outcome = self.task_outcome(&task_id, result)?;
                 let from_agent = delivery
                     .headers
                     .as_ref()
                     .is_none_or(|h| h.get(subjects::REPORTED_BY_HEADER).is_none());
-                if from_agent && outcome != Outcome::Retry(self.options.retry_delay) {
-                    // Any report proves the agent alive; a failure here only delays liveness.
+                let result = self
+                    .sessions
+                    .report(agent_id, event_id, &task_id, report, from_agent)
+                    .await;
+                let agent_seen = result.as_ref().is_ok_and(|reported| reported.agent_seen);
+                let outcome =
+                    self.task_outcome(&task_id, result.map(|reported| reported.outcome))?;
+                if from_agent && !agent_seen && outcome != Outcome::Retry(self.options.retry_delay)
+                {
+                    // Any report proves the agent alive; a result usually refreshed it with
+                    // its own commit. A failure here only delays liveness.
                     if let Err(error) = self
                         .agents
                         .execute(agent_id, None, AgentCommand::Seen, trace)

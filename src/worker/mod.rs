@@ -156,7 +156,7 @@ pub async fn run_with<R: Repository>(
     let (publisher, cleanup) = Publisher::new(jetstream).with_outbox_cleanup(repository.clone());
     let liveness = chrono::Duration::seconds(settings.agents.liveness_timeout_secs as i64);
     let agents = Agents::new(repository.clone(), publisher.clone(), liveness);
-    let sessions = Sessions::new(repository.clone(), publisher.clone());
+    let sessions = Sessions::new(repository.clone(), publisher.clone(), liveness);
     load_workflows(&repository, &settings.workflows.directory).await?;
     let worker = &settings.worker;
     let handler = Handler::new(

@@ -79,7 +79,7 @@ pub async fn recover<R: Repository>(
     let liveness = chrono::Duration::seconds(settings.agents.liveness_timeout_secs as i64);
     let handler = Handler::new(
         Agents::new(repository.clone(), publisher.clone(), liveness),
-        Sessions::new(repository.clone(), publisher.clone()),
+        Sessions::new(repository.clone(), publisher.clone(), liveness),
         publisher.clone(),
         HandlerOptions::new(&settings.worker),
     );

@@ -52,6 +52,24 @@ pub enum SessionOutcome {
     Contended,
 }
 
+/// What became of a task report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reported {
+    pub outcome: SessionOutcome,
+    /// The report's commit also refreshed the reporting agent's liveness, as any event from
+    /// the agent does; when false, the caller refreshes it.
+    pub agent_seen: bool,
+}
+
+impl Reported {
+    fn not_seen(outcome: SessionOutcome) -> Self {
+        Self {
+            outcome,
+            agent_seen: false,
+        }
+    }
+}
+
 /// Why a trigger failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TriggerError {
@@ -141,15 +159,18 @@ impl Placement {
 pub struct Sessions<R> {
     repository: R,
     publisher: Publisher,
+    /// How long an agent stays alive after it was last heard from.
+    liveness_timeout: chrono::Duration,
     /// Slots this process's placements are about to take, shared by every clone.
     claims: Arc<Claims>,
 }
 
 impl<R: Repository> Sessions<R> {
-    pub fn new(repository: R, publisher: Publisher) -> Self {
+    pub fn new(repository: R, publisher: Publisher, liveness_timeout: chrono::Duration) -> Self {
         Self {
             repository,
             publisher,
+            liveness_timeout,
             claims: Arc::default(),
         }
     }
@@ -231,21 +252,23 @@ impl<R: Repository> Sessions<R> {
         })
     }
 
-    /// Applies an agent's report on one of its tasks. `event` is (agent id, event id) for
-    /// deduplication.
+    /// Applies an agent's report on one of its tasks, deduplicated by `event_id`.
+    /// `from_agent`: the agent sent the report itself, so it proves the agent alive.
     pub async fn report(
         &self,
         agent_id: &str,
         event_id: &str,
         task_id: &str,
         report: Report,
-    ) -> Result<SessionOutcome, RepositoryError> {
+        from_agent: bool,
+    ) -> Result<Reported, RepositoryError> {
         let Some(session_id) = session_of_task(task_id) else {
-            return Ok(SessionOutcome::NotFound);
+            return Ok(Reported::not_seen(SessionOutcome::NotFound));
         };
         self.apply(
             session_id,
             Some((agent_id, event_id)),
+            from_agent.then_some(agent_id),
             &[],
             |session, now| {
                 let jitter = rand::random::<f64>();
@@ -272,8 +295,11 @@ impl<R: Repository> Sessions<R> {
         session_id: &str,
     ) -> Result<(SessionOutcome, Option<Session>), RepositoryError> {
         let outcome = self
-            .apply(session_id, None, &[], |session, now| session.cancel(now))
-            .await?;
+            .apply(session_id, None, None, &[], |session, now| {
+                session.cancel(now)
+            })
+            .await?
+            .outcome;
         if outcome == SessionOutcome::Applied {
             metrics::counter!("opscore_sessions_cancelled_total").increment(1);
         }
@@ -293,7 +319,7 @@ impl<R: Repository> Sessions<R> {
                 task_id,
                 lease_epoch,
             } => {
-                self.apply(&timer.session_id, None, &key, |session, now| {
+                self.apply(&timer.session_id, None, None, &key, |session, now| {
                     let effects =
                         session.lease_expired(task_id, *lease_epoch, rand::random::<f64>(), now);
                     if !effects.is_empty() {
@@ -302,12 +328,14 @@ impl<R: Repository> Sessions<R> {
                     Ok(effects)
                 })
                 .await?
+                .outcome
             }
             TimerKind::QueueTimeout { task_id, .. } => {
-                self.apply(&timer.session_id, None, &key, |session, now| {
+                self.apply(&timer.session_id, None, None, &key, |session, now| {
                     Ok(session.queue_timeout(task_id, now))
                 })
                 .await?
+                .outcome
             }
             TimerKind::Backoff { .. } => self.place(&timer.session_id, &key, None).await?.outcome,
         };
@@ -522,15 +550,16 @@ impl<R: Repository> Sessions<R> {
         &self,
         session_id: &str,
         event: Option<(&str, &str)>,
+        heard_from: Option<&str>,
         timers_fired: &[String],
         decide: F,
-    ) -> Result<SessionOutcome, RepositoryError>
+    ) -> Result<Reported, RepositoryError>
     where
         F: Fn(&mut Session, DateTime<Utc>) -> Result<Vec<Effect>, Rejection>,
     {
         for _ in 0..MAX_ATTEMPTS {
             let Some(record) = self.repository.load_session(session_id).await? else {
-                return Ok(SessionOutcome::NotFound);
+                return Ok(Reported::not_seen(SessionOutcome::NotFound));
             };
             let now = Utc::now();
             // The change snapshots the session's indexes and counters before the engine moves
@@ -538,10 +567,15 @@ impl<R: Repository> Sessions<R> {
             let mut change = Change::new(record.value, record.version, now);
             let effects = match decide(&mut change.session, now) {
                 Ok(effects) => effects,
-                Err(rejection) => return Ok(SessionOutcome::Rejected(rejection)),
+                Err(rejection) => {
+                    return Ok(Reported::not_seen(SessionOutcome::Rejected(rejection)));
+                }
             };
             change.timers_clear.extend(timers_fired.iter().cloned());
             change.absorb(&self.repository, effects).await?;
+            if let Some(agent_id) = heard_from {
+                change.hear_from(agent_id, self.liveness_timeout);
+            }
 
             match change.commit(&self.repository, event, None).await? {
                 SessionCommitOutcome::Committed => {
@@ -564,16 +598,20 @@ impl<R: Repository> Sessions<R> {
                         capabilities,
                         every_waiting: false,
                     };
+                    let agent_seen = change.liveness.is_some();
                     self.follow_up(follow_ups).await;
-                    return Ok(SessionOutcome::Applied);
+                    return Ok(Reported {
+                        outcome: SessionOutcome::Applied,
+                        agent_seen,
+                    });
                 }
                 SessionCommitOutcome::Conflict => debug!(session_id, "session conflict; retrying"),
                 SessionCommitOutcome::Duplicate | SessionCommitOutcome::KeyTaken(_) => {
-                    return Ok(SessionOutcome::Duplicate);
+                    return Ok(Reported::not_seen(SessionOutcome::Duplicate));
                 }
             }
         }
-        Ok(SessionOutcome::Contended)
+        Ok(Reported::not_seen(SessionOutcome::Contended))
     }
 
     /// Places the ready tasks of the given sessions and of the sessions waiting for the given
@@ -658,6 +696,8 @@ struct Change {
     timers_set: Vec<Timer>,
     timers_clear: Vec<String>,
     outbox: Vec<OutboxMessage>,
+    /// The agent this change proves alive, and its new liveness deadline.
+    liveness: Option<(String, DateTime<Utc>)>,
     now: DateTime<Utc>,
 }
 
@@ -679,6 +719,7 @@ impl Change {
             timers_set: Vec::new(),
             timers_clear: Vec::new(),
             outbox: Vec::new(),
+            liveness: None,
             now,
         }
     }
@@ -689,6 +730,22 @@ impl Change {
             && self.outbox.is_empty()
             && self.timers_set.is_empty()
             && self.timers_clear.is_empty()
+    }
+
+    /// Records that `agent_id` was heard from, when this change writes its record anyway (a
+    /// result releasing its lease): the commit then refreshes its liveness, and the agent's
+    /// record is written once instead of twice. An agent that is not alive is left to the
+    /// registry, which brings it back online.
+    fn hear_from(&mut self, agent_id: &str, liveness_timeout: chrono::Duration) {
+        if !self.changed.contains(agent_id) {
+            return;
+        }
+        if let Some((agent, _)) = self.agents.get_mut(agent_id)
+            && agent.is_alive()
+        {
+            agent.last_seen = self.now;
+            self.liveness = Some((agent_id.to_owned(), self.now + liveness_timeout));
+        }
     }
 
     /// Takes a slot of `agent_id` for the task's new lease.
@@ -843,6 +900,10 @@ impl Change {
                 expected_version: self.version,
                 agents,
                 event,
+                liveness: self
+                    .liveness
+                    .as_ref()
+                    .map(|(agent_id, deadline)| (agent_id.as_str(), *deadline)),
                 idempotency_key,
                 waiting_leave,
                 waiting_join,

@@ -145,6 +145,9 @@ impl SessionRepository for MemoryRepository {
         if let Some((agent_id, event_id)) = commit.event {
             state.record_event(agent_id, event_id, commit.now, self.options.dedupe_window);
         }
+        if let Some((agent_id, deadline)) = commit.liveness {
+            state.liveness.insert(agent_id.to_owned(), deadline);
+        }
         if let Some(key) = commit.idempotency_key {
             state
                 .sessions

@@ -217,7 +217,8 @@ impl SessionRepository for RedisRepository {
             .key(self.keys.outbox_due())
             .key(self.keys.events(event_agent))
             .key(self.keys.idempotency(commit.idempotency_key.unwrap_or("")))
-            .key(self.keys.counters());
+            .key(self.keys.counters())
+            .key(self.keys.liveness());
         for (agent, _) in &commit.agents {
             invocation.key(self.keys.agent(&agent.agent_id));
         }
@@ -247,6 +248,10 @@ impl SessionRepository for RedisRepository {
             .arg(commit.outbox.len())
             .arg(millis(commit.now + self.options.outbox_grace))
             .arg(commit.counters.len());
+        match commit.liveness {
+            Some((agent_id, deadline)) => invocation.arg(agent_id).arg(millis(deadline)),
+            None => invocation.arg("").arg(""),
+        };
         for (agent, version) in &commit.agents {
             let key = self.keys.agent(&agent.agent_id);
             invocation.arg(*version).arg(encode(&key, agent)?);

@@ -4,13 +4,15 @@
 -- KEYS: 1 session hash, 2 index of all sessions, 3 index of active sessions, 4 timers (zset),
 --       5 timer data (hash), 6 outbox messages (hash), 7 outbox due times (zset),
 --       8 applied event ids of the reporting agent (zset), 9 idempotency key, 10 counters (hash),
---       11.. agent hashes, then waiting indexes to leave, then waiting indexes to join
+--       11 agent liveness timers (zset),
+--       12.. agent hashes, then waiting indexes to leave, then waiting indexes to join
 -- ARGV: 1 expected session version, 2 session JSON, 3 session id, 4 "1" when ended,
 --       5 event id or "", 6 now (ms), 7 forget event ids applied before this (ms),
 --       8 idempotency key lifetime (s), 9 "1" to claim the idempotency key,
 --       10 agents, 11 waiting indexes to leave, 12 to join, 13 timers to set, 14 to clear,
 --       15 outbox messages, 16 outbox due time (ms), 17 counters to move,
---       18.. per agent: expected version, record JSON;
+--       18 agent heard from or "", 19 its liveness deadline (ms),
+--       20.. per agent: expected version, record JSON;
 --            timers to clear: key; timers to set: key, due (ms), JSON;
 --            outbox: message id, payload; counters: field, delta
 -- Returns {"ok", ""} | {"duplicate", ""} | {"key_taken", session id} | {"conflict", ""}
@@ -41,7 +43,7 @@ if version(KEYS[1]) ~= tonumber(ARGV[1]) then
   return {'conflict', ''}
 end
 for i = 1, agents do
-  if version(KEYS[10 + i]) ~= tonumber(ARGV[16 + 2 * i]) then
+  if version(KEYS[11 + i]) ~= tonumber(ARGV[18 + 2 * i]) then
     return {'conflict', ''}
   end
 end
@@ -54,7 +56,10 @@ else
   redis.call('ZADD', KEYS[3], 0, session_id)
 end
 for i = 1, agents do
-  redis.call('HSET', KEYS[10 + i], 'v', tonumber(ARGV[16 + 2 * i]) + 1, 'd', ARGV[17 + 2 * i])
+  redis.call('HSET', KEYS[11 + i], 'v', tonumber(ARGV[18 + 2 * i]) + 1, 'd', ARGV[19 + 2 * i])
+end
+if ARGV[18] ~= '' then
+  redis.call('ZADD', KEYS[11], ARGV[19], ARGV[18])
 end
 
 if event_id ~= '' then
@@ -66,14 +71,14 @@ if ARGV[9] == '1' then
 end
 
 for i = 1, leave do
-  redis.call('ZREM', KEYS[10 + agents + i], session_id)
+  redis.call('ZREM', KEYS[11 + agents + i], session_id)
 end
 for i = 1, join do
-  redis.call('ZADD', KEYS[10 + agents + leave + i], 'NX', ARGV[6], session_id)
+  redis.call('ZADD', KEYS[11 + agents + leave + i], 'NX', ARGV[6], session_id)
 end
 
 -- Clear before set: a progress report re-arms a lease timer under the same key.
-local p = 18 + 2 * agents
+local p = 20 + 2 * agents
 for _ = 1, clear do
   redis.call('ZREM', KEYS[4], ARGV[p])
   redis.call('HDEL', KEYS[5], ARGV[p])
