@@ -300,9 +300,7 @@ async fn listings_filter_follow_capability_changes_and_page<R: Repository>(repos
 
 /// A result releasing an agent's lease proves the agent alive: its session commit moves the
 /// agent's liveness deadline with the record.
-async fn a_session_commit_moves_the_liveness_of_the_agent_heard_from<R: Repository>(
-    repository: R,
-) {
+async fn a_session_commit_moves_the_liveness_of_the_agent_heard_from<R: Repository>(repository: R) {
     let a = agent("a", &["x"], AgentState::Idle);
     put(&repository, &a, 0, &[], None, at(0)).await; // deadline at(30)
     let s = session("01890a5d-ac96-774b-bcce-b302099a8057", "w");
@@ -311,7 +309,7 @@ async fn a_session_commit_moves_the_liveness_of_the_agent_heard_from<R: Reposito
     commit.liveness = Some(("a", at(90)));
     assert_eq!(
         repository.commit_session(commit).await.expect("commit"),
-        SessionCommitOutcome::Committed
+        SessionCommitOutcome::Committed { waiting: false }
     );
 
     assert!(
@@ -513,6 +511,7 @@ fn session_commit<'a>(session: &'a Session, version: u64) -> SessionCommit<'a> {
         timers_clear: Vec::new(),
         outbox: &[],
         counters: Vec::new(),
+        check_waiting: Vec::new(),
         now: at(0),
     }
 }
@@ -544,7 +543,7 @@ async fn sessions_commit_with_their_agents_atomically<R: Repository>(repository:
     commit.idempotency_key = Some("key-1");
     assert_eq!(
         repository.commit_session(commit).await.expect("commit"),
-        SessionCommitOutcome::Committed
+        SessionCommitOutcome::Committed { waiting: false }
     );
     assert_eq!(
         repository
@@ -609,6 +608,37 @@ async fn a_change_starts_from_the_last_committed_record<R: Repository>(repositor
     assert_eq!((stored.version, stored.value), (3, busy));
 }
 
+/// A session commit that gives agents a slot back says whether sessions wait for their
+/// capabilities, so that the worker reads the waiting sessions only when there are some.
+async fn a_session_commit_tells_whether_sessions_wait_for_the_capabilities<R: Repository>(
+    repository: R,
+) {
+    let (x, y) = (vec!["x".to_owned()], vec!["y".to_owned()]);
+    let waiting = session("01890a5d-ac96-774b-bcce-b302099a8057", "w");
+    let mut waits = session_commit(&waiting, 0);
+    waits.waiting_join = x.clone();
+    waits.check_waiting = x.clone();
+    assert_eq!(
+        repository.commit_session(waits).await.expect("commit"),
+        SessionCommitOutcome::Committed { waiting: true },
+        "the check comes after the commit's own changes"
+    );
+
+    let other = session("01890a5d-ac96-774b-bcce-b302099a8058", "w");
+    let mut releases = session_commit(&other, 0);
+    releases.check_waiting = y;
+    assert_eq!(
+        repository.commit_session(releases).await.expect("commit"),
+        SessionCommitOutcome::Committed { waiting: false }
+    );
+    let mut releases = session_commit(&other, 1);
+    releases.check_waiting = x;
+    assert_eq!(
+        repository.commit_session(releases).await.expect("commit"),
+        SessionCommitOutcome::Committed { waiting: true }
+    );
+}
+
 async fn a_commit_tells_whether_sessions_wait_for_the_capabilities<R: Repository>(repository: R) {
     let commit = |agent: &Agent, version: u64, check: &[String]| {
         let (agent, check) = (agent.clone(), check.to_vec());
@@ -633,7 +663,7 @@ async fn a_commit_tells_whether_sessions_wait_for_the_capabilities<R: Repository
     waits.waiting_join = vec!["x".to_owned()];
     assert_eq!(
         repository.commit_session(waits).await.expect("commit"),
-        SessionCommitOutcome::Committed
+        SessionCommitOutcome::Committed { waiting: false }
     );
     assert_eq!(
         commit(&a, 1, &x).await,
@@ -662,7 +692,7 @@ async fn a_commit_tells_whether_sessions_wait_for_the_capabilities<R: Repository
     placed.waiting_leave = vec!["x".to_owned()];
     assert_eq!(
         repository.commit_session(placed).await.expect("commit"),
-        SessionCommitOutcome::Committed
+        SessionCommitOutcome::Committed { waiting: false }
     );
     assert_eq!(
         commit(&a, 4, &x).await,
@@ -712,7 +742,7 @@ async fn lease_in_new_session<R: Repository>(repository: &R, agent: &Agent) -> A
     commit.agents = vec![(&leased, 1)];
     assert_eq!(
         repository.commit_session(commit).await.expect("commit"),
-        SessionCommitOutcome::Committed
+        SessionCommitOutcome::Committed { waiting: false }
     );
     leased
 }
@@ -908,6 +938,7 @@ contract!(
     sessions_commit_with_their_agents_atomically,
     a_change_starts_from_the_last_committed_record,
     a_commit_tells_whether_sessions_wait_for_the_capabilities,
+    a_session_commit_tells_whether_sessions_wait_for_the_capabilities,
     capable_agents_are_the_stored_records,
     sessions_list_newest_first_and_track_waiting_and_timers,
     workflow_versions_are_immutable,

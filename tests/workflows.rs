@@ -672,8 +672,15 @@ async fn a_result_refreshes_its_agents_liveness_in_the_commit_that_frees_its_slo
     agent.complete(&step, json!(1)).await;
     wait_until_quiet(&s.nats).await;
     let (version, last_seen, deadline) = liveness_of(&s.redis, "lively").await;
-    assert_eq!(version, assigned + 1, "one write for the slot and the liveness");
-    assert!(last_seen >= sent, "heard from at {last_seen}, result sent at {sent}");
+    assert_eq!(
+        version,
+        assigned + 1,
+        "one write for the slot and the liveness"
+    );
+    assert!(
+        last_seen >= sent,
+        "heard from at {last_seen}, result sent at {sent}"
+    );
     assert_eq!(deadline, last_seen + 30_000, "the default liveness timeout");
     s.worker.stop().await;
 }

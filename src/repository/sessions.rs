@@ -35,13 +35,17 @@ pub struct SessionCommit<'a> {
     pub outbox: &'a [OutboxMessage],
     /// Moves of the shared counters behind the gauges.
     pub counters: Vec<(String, i64)>,
+    /// Capabilities to look for waiting sessions in once the commit is done (those of agents
+    /// that got a slot back).
+    pub check_waiting: Vec<String>,
     pub now: DateTime<Utc>,
 }
 
 /// How a session commit ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionCommitOutcome {
-    Committed,
+    /// `waiting`: a session waits for one of the capabilities the commit was asked to check.
+    Committed { waiting: bool },
     /// The session or one of the agents changed since it was read.
     Conflict,
     /// The event was applied before.

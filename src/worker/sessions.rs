@@ -213,7 +213,7 @@ impl<R: Repository> Sessions<R> {
             .commit(&self.repository, None, trigger.idempotency_key.as_deref())
             .await?
         {
-            SessionCommitOutcome::Committed => {}
+            SessionCommitOutcome::Committed { .. } => {}
             SessionCommitOutcome::KeyTaken(existing) => {
                 // The key names the session it created, whatever this request asked to run.
                 let workflow_id = match self.repository.load_session(&existing).await? {
@@ -499,7 +499,7 @@ impl<R: Repository> Sessions<R> {
                 return Ok(placed);
             }
             match change.commit(&self.repository, None, None).await? {
-                SessionCommitOutcome::Committed => {
+                SessionCommitOutcome::Committed { .. } => {
                     count_placement(if dispatched > 0 {
                         "dispatched"
                     } else {
@@ -578,17 +578,18 @@ impl<R: Repository> Sessions<R> {
             }
 
             match change.commit(&self.repository, event, None).await? {
-                SessionCommitOutcome::Committed => {
+                SessionCommitOutcome::Committed { waiting } => {
                     crate::faults::crash_point("after_commit");
                     self.publisher.flush(&self.repository, &change.outbox).await;
                     crate::faults::crash_point("after_publish");
-                    // Every released agent was read into the change to release its lease.
-                    let capabilities = change
-                        .released
-                        .iter()
-                        .filter_map(|agent_id| change.agents.get(agent_id))
-                        .flat_map(|(agent, _)| agent.capabilities.iter().cloned())
-                        .collect();
+                    // The commit looked for sessions waiting for the capabilities of the
+                    // agents it gave a slot back; a session that began waiting after it read
+                    // the agents with that slot free.
+                    let capabilities = if waiting {
+                        change.released_capabilities()
+                    } else {
+                        BTreeSet::new()
+                    };
                     let follow_ups = FollowUps {
                         committed: Some(Versioned {
                             version: change.version + 1,
@@ -746,6 +747,16 @@ impl Change {
             agent.last_seen = self.now;
             self.liveness = Some((agent_id.to_owned(), self.now + liveness_timeout));
         }
+    }
+
+    /// The capabilities of the agents that got a slot back, each once. Every released agent
+    /// was read into the change to release its lease.
+    fn released_capabilities(&self) -> BTreeSet<String> {
+        self.released
+            .iter()
+            .filter_map(|agent_id| self.agents.get(agent_id))
+            .flat_map(|(agent, _)| agent.capabilities.iter().cloned())
+            .collect()
     }
 
     /// Takes a slot of `agent_id` for the task's new lease.
@@ -911,6 +922,7 @@ impl Change {
                 timers_clear: self.timers_clear.clone(),
                 outbox: &self.outbox,
                 counters: counter_moves(&self.counts_before, &gauge_counts(&self.session)),
+                check_waiting: self.released_capabilities().into_iter().collect(),
                 now: self.now,
             })
             .await

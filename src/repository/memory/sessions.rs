@@ -177,7 +177,11 @@ impl SessionRepository for MemoryRepository {
         }
         state.move_counters(&commit.counters);
         state.add_outbox(commit.outbox, commit.now + self.options.outbox_grace);
-        Ok(SessionCommitOutcome::Committed)
+        let waiting = commit
+            .check_waiting
+            .iter()
+            .any(|capability| state.sessions.any_waiting(capability));
+        Ok(SessionCommitOutcome::Committed { waiting })
     }
 
     async fn list_sessions(

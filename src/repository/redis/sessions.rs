@@ -222,7 +222,12 @@ impl SessionRepository for RedisRepository {
         for (agent, _) in &commit.agents {
             invocation.key(self.keys.agent(&agent.agent_id));
         }
-        for capability in commit.waiting_leave.iter().chain(&commit.waiting_join) {
+        for capability in commit
+            .waiting_leave
+            .iter()
+            .chain(&commit.waiting_join)
+            .chain(&commit.check_waiting)
+        {
             invocation.key(self.keys.waiting(capability));
         }
 
@@ -252,6 +257,7 @@ impl SessionRepository for RedisRepository {
             Some((agent_id, deadline)) => invocation.arg(agent_id).arg(millis(deadline)),
             None => invocation.arg("").arg(""),
         };
+        invocation.arg(commit.check_waiting.len());
         for (agent, version) in &commit.agents {
             let key = self.keys.agent(&agent.agent_id);
             invocation.arg(*version).arg(encode(&key, agent)?);
@@ -275,10 +281,10 @@ impl SessionRepository for RedisRepository {
         }
 
         let mut connection = self.connection.clone();
-        let reply: Result<(String, String), _> = invocation.invoke_async(&mut connection).await;
+        let reply: Result<(String, String, u8), _> = invocation.invoke_async(&mut connection).await;
         // The agent records this commit wrote, or might have written, are what the next
         // change of those agents starts from.
-        let committed = matches!(&reply, Ok((status, _)) if status == "ok");
+        let committed = matches!(&reply, Ok((status, _, _)) if status == "ok");
         for (agent, version) in &commit.agents {
             // The incarnation is known when the record kept is the one this commit changed.
             match self.agents.incarnation(&agent.agent_id, *version) {
@@ -292,9 +298,11 @@ impl SessionRepository for RedisRepository {
                 _ => self.agents.forget(&agent.agent_id),
             }
         }
-        let (status, owner) = reply.map_err(unavailable)?;
+        let (status, owner, waiting) = reply.map_err(unavailable)?;
         Ok(match status.as_str() {
-            "ok" => SessionCommitOutcome::Committed,
+            "ok" => SessionCommitOutcome::Committed {
+                waiting: waiting == 1,
+            },
             "duplicate" => SessionCommitOutcome::Duplicate,
             "key_taken" => SessionCommitOutcome::KeyTaken(owner),
             _ => SessionCommitOutcome::Conflict,

@@ -5,17 +5,20 @@
 --       5 timer data (hash), 6 outbox messages (hash), 7 outbox due times (zset),
 --       8 applied event ids of the reporting agent (zset), 9 idempotency key, 10 counters (hash),
 --       11 agent liveness timers (zset),
---       12.. agent hashes, then waiting indexes to leave, then waiting indexes to join
+--       12.. agent hashes, then waiting indexes to leave, then waiting indexes to join, then
+--       waiting indexes to look in
 -- ARGV: 1 expected session version, 2 session JSON, 3 session id, 4 "1" when ended,
 --       5 event id or "", 6 now (ms), 7 forget event ids applied before this (ms),
 --       8 idempotency key lifetime (s), 9 "1" to claim the idempotency key,
 --       10 agents, 11 waiting indexes to leave, 12 to join, 13 timers to set, 14 to clear,
 --       15 outbox messages, 16 outbox due time (ms), 17 counters to move,
---       18 agent heard from or "", 19 its liveness deadline (ms),
---       20.. per agent: expected version, record JSON;
+--       18 agent heard from or "", 19 its liveness deadline (ms), 20 waiting indexes to look in,
+--       21.. per agent: expected version, record JSON;
 --            timers to clear: key; timers to set: key, due (ms), JSON;
 --            outbox: message id, payload; counters: field, delta
--- Returns {"ok", ""} | {"duplicate", ""} | {"key_taken", session id} | {"conflict", ""}
+-- Returns {status, session id or "", waiting}:
+--         {"ok", "", 1 if a session waits in any of the waiting indexes to look in else 0}
+--       | {"duplicate", "", 0} | {"key_taken", session id, 0} | {"conflict", "", 0}
 
 local function version(key)
   return tonumber(redis.call('HGET', key, 'v') or '0')
@@ -31,20 +34,20 @@ local session_id = ARGV[3]
 local event_id = ARGV[5]
 
 if event_id ~= '' and redis.call('ZSCORE', KEYS[8], event_id) then
-  return {'duplicate', ''}
+  return {'duplicate', '', 0}
 end
 if ARGV[9] == '1' then
   local owner = redis.call('GET', KEYS[9])
   if owner then
-    return {'key_taken', owner}
+    return {'key_taken', owner, 0}
   end
 end
 if version(KEYS[1]) ~= tonumber(ARGV[1]) then
-  return {'conflict', ''}
+  return {'conflict', '', 0}
 end
 for i = 1, agents do
-  if version(KEYS[11 + i]) ~= tonumber(ARGV[18 + 2 * i]) then
-    return {'conflict', ''}
+  if version(KEYS[11 + i]) ~= tonumber(ARGV[19 + 2 * i]) then
+    return {'conflict', '', 0}
   end
 end
 
@@ -56,7 +59,7 @@ else
   redis.call('ZADD', KEYS[3], 0, session_id)
 end
 for i = 1, agents do
-  redis.call('HSET', KEYS[11 + i], 'v', tonumber(ARGV[18 + 2 * i]) + 1, 'd', ARGV[19 + 2 * i])
+  redis.call('HSET', KEYS[11 + i], 'v', tonumber(ARGV[19 + 2 * i]) + 1, 'd', ARGV[20 + 2 * i])
 end
 if ARGV[18] ~= '' then
   redis.call('ZADD', KEYS[11], ARGV[19], ARGV[18])
@@ -78,7 +81,7 @@ for i = 1, join do
 end
 
 -- Clear before set: a progress report re-arms a lease timer under the same key.
-local p = 20 + 2 * agents
+local p = 21 + 2 * agents
 for _ = 1, clear do
   redis.call('ZREM', KEYS[4], ARGV[p])
   redis.call('HDEL', KEYS[5], ARGV[p])
@@ -99,4 +102,13 @@ for _ = 1, tonumber(ARGV[17]) do
   p = p + 2
 end
 
-return {'ok', ''}
+local waiting = 0
+for i = 12 + agents + leave + join, 11 + agents + leave + join + tonumber(ARGV[20]) do
+  -- ZRANGE rather than EXISTS, as in commit_agent.lua.
+  if redis.call('ZRANGE', KEYS[i], 0, 0)[1] then
+    waiting = 1
+    break
+  end
+end
+
+return {'ok', '', waiting}
