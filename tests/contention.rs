@@ -15,8 +15,8 @@ use common::*;
 use opscore::model::{Agent, HistoryEntry, Page};
 use opscore::outbox::OutboxMessage;
 use opscore::repository::{
-    AgentCommit, AgentFilter, AgentRepository, CommitOutcome, DefineOutcome, Health, Outbox,
-    RedisRepository, RepositoryError, SessionCommit, SessionCommitOutcome, SessionFilter,
+    AgentCommit, AgentFilter, AgentRepository, CommitOutcome, DefineOutcome, Freshness, Health,
+    Outbox, RedisRepository, RepositoryError, SessionCommit, SessionCommitOutcome, SessionFilter,
     SessionRepository, Versioned, WorkflowRepository,
 };
 use opscore::workflow::{Session, Timer, WorkflowDefinition};
@@ -77,8 +77,11 @@ impl SessionRepository for Raced {
         &self,
         capability: &str,
         limit: usize,
+        freshness: Freshness,
     ) -> Result<Vec<Versioned<Agent>>, RepositoryError> {
-        self.redis.capable_agents(capability, limit).await
+        self.redis
+            .capable_agents(capability, limit, freshness)
+            .await
     }
 
     async fn claim_due_timers(

@@ -9,7 +9,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use opscore::model::{Agent, AgentState, HistoryEntry};
 use opscore::outbox::OutboxMessage;
 use opscore::repository::{
-    AgentCommit, AgentFilter, AgentRepository, CommitOutcome, DefineOutcome, Health,
+    AgentCommit, AgentFilter, AgentRepository, CommitOutcome, DefineOutcome, Freshness, Health,
     RedisRepository, Repository, RepositoryOptions, SessionCommit, SessionCommitOutcome,
     SessionFilter, SessionRepository,
 };
@@ -705,11 +705,11 @@ async fn a_commit_tells_whether_sessions_wait_for_the_capabilities<R: Repository
 }
 
 async fn capable_agents_are_the_stored_records<R: Repository>(repository: R) {
-    let capable = |capability: &'static str, limit: usize| {
+    let read = |capability: &'static str, limit: usize, freshness: Freshness| {
         let repository = repository.clone();
         async move {
             let mut records = repository
-                .capable_agents(capability, limit)
+                .capable_agents(capability, limit, freshness)
                 .await
                 .expect("capable agents");
             records.sort_by(|a, b| a.value.agent_id.cmp(&b.value.agent_id));
@@ -719,6 +719,7 @@ async fn capable_agents_are_the_stored_records<R: Repository>(repository: R) {
                 .collect::<Vec<_>>()
         }
     };
+    let capable = |capability, limit| read(capability, limit, Freshness::Current);
     let a = agent("a", &["x"], AgentState::Idle);
     let b = agent("b", &["x", "y"], AgentState::Idle);
     for record in [&a, &b, &agent("c", &["y"], AgentState::Idle)] {
@@ -731,6 +732,8 @@ async fn capable_agents_are_the_stored_records<R: Repository>(repository: R) {
     // A session commit leasing `a` is what the next placement sees.
     let leased = lease_in_new_session(&repository, &a).await;
     assert_eq!(capable("x", 10).await, [(2, leased), (1, b)]);
+    // With one writer, what it keeps is what is stored.
+    assert_eq!(read("x", 10, Freshness::Kept).await, capable("x", 10).await);
 }
 
 /// Commits a new session that takes a lease on `agent`, stored at version 1; returns the
@@ -1036,7 +1039,10 @@ async fn redis_candidates_are_read_as_stored_whatever_is_kept() {
     let candidates = |repository: &RedisRepository| {
         let repository = repository.clone();
         async move {
-            let records = repository.capable_agents("x", 10).await.expect("capable");
+            let records = repository
+                .capable_agents("x", 10, Freshness::Current)
+                .await
+                .expect("capable");
             records
                 .into_iter()
                 .map(|r| (r.version, r.value))
@@ -1065,6 +1071,43 @@ async fn redis_candidates_are_read_as_stored_whatever_is_kept() {
         [(2, new)],
         "the same version in another life"
     );
+}
+
+/// Kept candidates are what this worker last committed or read, possibly a version behind
+/// another worker's change; a placement chosen from them fails its compare-and-set, and the
+/// next read as stored sees the change.
+#[tokio::test]
+async fn redis_kept_candidates_may_lag_and_the_commit_catches_it() {
+    let server = common::RedisServer::start();
+    let (first, second) = (redis_repository(&server), redis_repository(&server));
+    let old = agent("a", &["x"], AgentState::Idle);
+    put(&first, &old, 0, &[], None, at(0)).await;
+    let mut busy = old.clone();
+    busy.state = AgentState::Busy;
+    put(&second, &busy, 1, &old.capabilities, None, at(1)).await;
+
+    let kept = first
+        .capable_agents("x", 10, Freshness::Kept)
+        .await
+        .expect("kept");
+    assert_eq!(
+        (kept[0].version, &kept[0].value),
+        (1, &old),
+        "a version behind"
+    );
+    let s = session("01890a5d-ac96-774b-bcce-b302099a8057", "w");
+    let leased = with_lease(&kept[0].value, &s);
+    let mut commit = session_commit(&s, 0);
+    commit.agents = vec![(&leased, kept[0].version)];
+    assert_eq!(
+        first.commit_session(commit).await.expect("commit"),
+        SessionCommitOutcome::Conflict
+    );
+    let current = first
+        .capable_agents("x", 10, Freshness::Current)
+        .await
+        .expect("current");
+    assert_eq!((current[0].version, &current[0].value), (2, &busy));
 }
 
 #[tokio::test]

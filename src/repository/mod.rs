@@ -17,8 +17,8 @@ use chrono::{DateTime, Utc};
 pub use self::memory::MemoryRepository;
 pub use self::redis::RedisRepository;
 pub use self::sessions::{
-    DefineOutcome, SessionCommit, SessionCommitOutcome, SessionFilter, SessionRepository,
-    WorkflowRepository,
+    DefineOutcome, Freshness, SessionCommit, SessionCommitOutcome, SessionFilter,
+    SessionRepository, WorkflowRepository,
 };
 use crate::model::{Agent, AgentState, HistoryEntry, Page};
 use crate::outbox::OutboxMessage;

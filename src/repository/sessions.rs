@@ -10,6 +10,16 @@ use crate::model::{Agent, Page};
 use crate::outbox::OutboxMessage;
 use crate::workflow::{Session, SessionStatus, Timer, WorkflowDefinition};
 
+/// How current the agent records of a read must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// As stored at the time of the read.
+    Current,
+    /// As this process last committed or read them where it keeps them, which another worker
+    /// may have changed since: enough for a choice that a commit's compare-and-set checks.
+    Kept,
+}
+
 /// One atomic change of a session and of the agents whose leases it takes or releases.
 #[derive(Debug, Clone)]
 pub struct SessionCommit<'a> {
@@ -135,11 +145,13 @@ pub trait SessionRepository: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<String>, RepositoryError>> + Send;
 
-    /// Agents with `capability`, at most `limit`, with their versions.
+    /// Agents with `capability`, at most `limit`, with their versions, as current as
+    /// `freshness` asks.
     fn capable_agents(
         &self,
         capability: &str,
         limit: usize,
+        freshness: Freshness,
     ) -> impl Future<Output = Result<Vec<Versioned<Agent>>, RepositoryError>> + Send;
 
     /// Timers due at `now`, claimed until `claim_until`.

@@ -19,7 +19,8 @@ use crate::model::{Agent, Lease};
 use crate::outbox::OutboxMessage;
 use crate::repository::sessions::waiting_capabilities;
 use crate::repository::{
-    Repository, RepositoryError, SessionCommit, SessionCommitOutcome, Versioned, counter_moves,
+    Freshness, Repository, RepositoryError, SessionCommit, SessionCommitOutcome, Versioned,
+    counter_moves,
 };
 use crate::subjects;
 use crate::workflow::{
@@ -401,10 +402,22 @@ impl<R: Repository> Sessions<R> {
                 .filter(|task| ready.contains(&task.task_id))
                 .map(|task| task.capability.clone())
                 .collect();
+            // The first attempt chooses from the agent records this worker keeps, which its own
+            // commits keep current; a record another worker changed since fails the commit's
+            // compare-and-set, and every later attempt reads the candidates as stored. A task
+            // found waiting on kept records is safe too: a commit that puts it among the
+            // waiting sessions is followed by a pass on stored records (`began_waiting`),
+            // and a session already waiting is found by the follow-up of the worker that frees
+            // a slot.
+            let freshness = if attempt == 0 {
+                Freshness::Kept
+            } else {
+                Freshness::Current
+            };
             for capability in &capabilities {
                 for agent in self
                     .repository
-                    .capable_agents(capability, CANDIDATE_LIMIT)
+                    .capable_agents(capability, CANDIDATE_LIMIT, freshness)
                     .await?
                 {
                     agents.insert(agent.value.agent_id.clone(), (agent.value, agent.version));

@@ -7,8 +7,8 @@ use chrono::{DateTime, Utc};
 use super::{MemoryRepository, page};
 use crate::model::{Agent, Page};
 use crate::repository::sessions::{
-    DefineOutcome, SessionCommit, SessionCommitOutcome, SessionFilter, SessionRepository,
-    WorkflowRepository,
+    DefineOutcome, Freshness, SessionCommit, SessionCommitOutcome, SessionFilter,
+    SessionRepository, WorkflowRepository,
 };
 use crate::repository::{RepositoryError, Versioned};
 use crate::workflow::{Session, Timer, WorkflowDefinition};
@@ -249,10 +249,12 @@ impl SessionRepository for MemoryRepository {
             .collect())
     }
 
+    /// Always current: the records are the stored ones.
     async fn capable_agents(
         &self,
         capability: &str,
         limit: usize,
+        _freshness: Freshness,
     ) -> Result<Vec<Versioned<Agent>>, RepositoryError> {
         let state = self.state();
         let Some(members) = state.capabilities.get(capability) else {

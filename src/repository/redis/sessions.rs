@@ -5,8 +5,8 @@ use chrono::{DateTime, Utc};
 use super::{RedisRepository, decode, millis, unavailable};
 use crate::model::{Agent, Page};
 use crate::repository::sessions::{
-    DefineOutcome, SessionCommit, SessionCommitOutcome, SessionFilter, SessionRepository,
-    WorkflowRepository,
+    DefineOutcome, Freshness, SessionCommit, SessionCommitOutcome, SessionFilter,
+    SessionRepository, WorkflowRepository,
 };
 use crate::repository::{RepositoryError, Versioned};
 use crate::workflow::{Session, Timer, WorkflowDefinition};
@@ -412,6 +412,7 @@ impl SessionRepository for RedisRepository {
         &self,
         capability: &str,
         limit: usize,
+        freshness: Freshness,
     ) -> Result<Vec<Versioned<Agent>>, RepositoryError> {
         let mut connection = self.connection.clone();
         let ids: Vec<String> = redis::cmd("ZRANGEBYLEX")
@@ -424,7 +425,19 @@ impl SessionRepository for RedisRepository {
             .query_async(&mut connection)
             .await
             .map_err(unavailable)?;
-        self.load_agents(ids).await
+        if freshness == Freshness::Current {
+            return self.load_agents(ids).await;
+        }
+        let mut kept = Vec::with_capacity(ids.len());
+        let mut unknown = Vec::new();
+        for id in ids {
+            match self.agents.get(&id) {
+                Some(record) => kept.push(record),
+                None => unknown.push(id),
+            }
+        }
+        kept.extend(self.load_agents(unknown).await?);
+        Ok(kept)
     }
 
     async fn claim_due_timers(
