@@ -1110,6 +1110,40 @@ async fn redis_kept_candidates_may_lag_and_the_commit_catches_it() {
     assert_eq!((current[0].version, &current[0].value), (2, &busy));
 }
 
+/// A placement chosen from a kept record does not overwrite a record lost and created again up
+/// to the same version: the session commit checks the incarnation too.
+#[tokio::test]
+async fn redis_a_session_commit_does_not_take_a_record_created_again_for_the_one_kept() {
+    let server = common::RedisServer::start();
+    let (first, second) = (redis_repository(&server), redis_repository(&server));
+    let old = agent("a", &["x"], AgentState::Idle);
+    put(&first, &old, 0, &[], None, at(0)).await;
+
+    flush(&server).await;
+    let new = agent("a", &["x"], AgentState::Busy);
+    put(&second, &new, 0, &[], None, at(1)).await;
+
+    let kept = first
+        .capable_agents("x", 10, Freshness::Kept)
+        .await
+        .expect("kept");
+    assert_eq!(
+        (kept[0].version, &kept[0].value),
+        (1, &old),
+        "the first worker keeps the old record, at the version the new one has"
+    );
+    let s = session("01890a5d-ac96-774b-bcce-b302099a8057", "w");
+    let leased = with_lease(&kept[0].value, &s);
+    let mut commit = session_commit(&s, 0);
+    commit.agents = vec![(&leased, kept[0].version)];
+    assert_eq!(
+        first.commit_session(commit).await.expect("commit"),
+        SessionCommitOutcome::Conflict
+    );
+    let stored = first.load("a").await.expect("load").expect("exists");
+    assert_eq!((stored.version, stored.value), (1, new));
+}
+
 #[tokio::test]
 async fn redis_reports_unavailability_as_a_retryable_error() {
     let mut server = common::RedisServer::start();

@@ -260,7 +260,16 @@ impl SessionRepository for RedisRepository {
         invocation.arg(commit.check_waiting.len());
         for (agent, version) in &commit.agents {
             let key = self.keys.agent(&agent.agent_id);
-            invocation.arg(*version).arg(encode(&key, agent)?);
+            // A record kept at the version read names its incarnation, so that a record lost
+            // and created again up to that version is not overwritten with the old one.
+            let incarnation = self
+                .agents
+                .incarnation(&agent.agent_id, *version)
+                .unwrap_or_default();
+            invocation
+                .arg(*version)
+                .arg(incarnation)
+                .arg(encode(&key, agent)?);
         }
         for key in &commit.timers_clear {
             invocation.arg(key);

@@ -13,7 +13,8 @@
 --       10 agents, 11 waiting indexes to leave, 12 to join, 13 timers to set, 14 to clear,
 --       15 outbox messages, 16 outbox due time (ms), 17 counters to move,
 --       18 agent heard from or "", 19 its liveness deadline (ms), 20 waiting indexes to look in,
---       21.. per agent: expected version, record JSON;
+--       21.. per agent: expected version, expected incarnation or "" to not check it, record
+--            JSON;
 --            timers to clear: key; timers to set: key, due (ms), JSON;
 --            outbox: message id, payload; counters: field, delta
 -- Returns {status, session id or "", waiting}:
@@ -22,6 +23,14 @@
 
 local function version(key)
   return tonumber(redis.call('HGET', key, 'v') or '0')
+end
+
+-- Whether the agent record is still the one read: the same version and, when the change names
+-- one, the same incarnation (see commit_agent.lua).
+local function unchanged(key, expected_version, expected_incarnation)
+  local stored = redis.call('HMGET', key, 'v', 'i')
+  return tonumber(stored[1] or '0') == tonumber(expected_version)
+    and (expected_incarnation == '' or expected_incarnation == (stored[2] or ''))
 end
 
 local agents = tonumber(ARGV[10])
@@ -46,7 +55,7 @@ if version(KEYS[1]) ~= tonumber(ARGV[1]) then
   return {'conflict', '', 0}
 end
 for i = 1, agents do
-  if version(KEYS[11 + i]) ~= tonumber(ARGV[19 + 2 * i]) then
+  if not unchanged(KEYS[11 + i], ARGV[18 + 3 * i], ARGV[19 + 3 * i]) then
     return {'conflict', '', 0}
   end
 end
@@ -59,7 +68,7 @@ else
   redis.call('ZADD', KEYS[3], 0, session_id)
 end
 for i = 1, agents do
-  redis.call('HSET', KEYS[11 + i], 'v', tonumber(ARGV[19 + 2 * i]) + 1, 'd', ARGV[20 + 2 * i])
+  redis.call('HSET', KEYS[11 + i], 'v', tonumber(ARGV[18 + 3 * i]) + 1, 'd', ARGV[20 + 3 * i])
 end
 if ARGV[18] ~= '' then
   redis.call('ZADD', KEYS[11], ARGV[19], ARGV[18])
@@ -81,7 +90,7 @@ for i = 1, join do
 end
 
 -- Clear before set: a progress report re-arms a lease timer under the same key.
-local p = 21 + 2 * agents
+local p = 21 + 3 * agents
 for _ = 1, clear do
   redis.call('ZREM', KEYS[4], ARGV[p])
   redis.call('HDEL', KEYS[5], ARGV[p])
