@@ -1,14 +1,16 @@
 //! Placement while other writers keep changing the agents it picks. A busy fleet changes agent
 //! records all the time (results free slots, other placements take them), and a commit that
 //! reserves slots on several agents fails when any one of them changed since it was read.
-//! Real writers cannot make that happen on cue, so the repository here refuses, as a conflict,
-//! every session commit that touches more than one agent, and passes the rest to Redis.
+//! Real writers cannot make that happen on cue, so the repository here stages it: it can
+//! refuse, as a conflict, every session commit that touches more than one agent, and it can
+//! hold back the commit of a task report until the test lets it go. Everything else goes to
+//! Redis.
 
 mod common;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use chrono::{DateTime, Utc};
 use common::*;
@@ -21,12 +23,47 @@ use opscore::repository::{
 };
 use opscore::workflow::{Session, Timer, WorkflowDefinition};
 use serde_json::json;
+use tokio::sync::{Notify, Semaphore};
 
-/// Redis, except that a session commit touching several agents always loses a race.
+/// Redis, with session commits staged by the test.
 #[derive(Clone)]
 struct Raced {
     redis: RedisRepository,
+    /// Refuse every session commit touching several agents, as a lost race.
+    refuse_shared: bool,
     refused: Arc<AtomicU64>,
+    /// Conflicts Redis answered to session commits.
+    conflicts: Arc<AtomicU64>,
+    hold: Arc<Hold>,
+}
+
+/// Holds back the next task report's session commit.
+struct Hold {
+    armed: AtomicBool,
+    holding: AtomicBool,
+    /// A commit is held.
+    held: Notify,
+    /// Candidates were read while a commit was held.
+    candidates_read: Notify,
+    release: Semaphore,
+}
+
+impl Raced {
+    fn new(redis: RedisRepository, refuse_shared: bool) -> Self {
+        Self {
+            redis,
+            refuse_shared,
+            refused: Arc::default(),
+            conflicts: Arc::default(),
+            hold: Arc::new(Hold {
+                armed: AtomicBool::new(false),
+                holding: AtomicBool::new(false),
+                held: Notify::new(),
+                candidates_read: Notify::new(),
+                release: Semaphore::new(0),
+            }),
+        }
+    }
 }
 
 impl SessionRepository for Raced {
@@ -34,11 +71,21 @@ impl SessionRepository for Raced {
         &self,
         commit: SessionCommit<'_>,
     ) -> Result<SessionCommitOutcome, RepositoryError> {
-        if commit.agents.len() > 1 {
+        if self.refuse_shared && commit.agents.len() > 1 {
             self.refused.fetch_add(1, Ordering::SeqCst);
             return Ok(SessionCommitOutcome::Conflict);
         }
-        self.redis.commit_session(commit).await
+        if commit.event.is_some() && self.hold.armed.swap(false, Ordering::SeqCst) {
+            self.hold.holding.store(true, Ordering::SeqCst);
+            self.hold.held.notify_one();
+            self.hold.release.acquire().await.expect("open").forget();
+            self.hold.holding.store(false, Ordering::SeqCst);
+        }
+        let outcome = self.redis.commit_session(commit).await;
+        if matches!(outcome, Ok(SessionCommitOutcome::Conflict)) {
+            self.conflicts.fetch_add(1, Ordering::SeqCst);
+        }
+        outcome
     }
 
     async fn load_session(
@@ -79,6 +126,9 @@ impl SessionRepository for Raced {
         limit: usize,
         freshness: Freshness,
     ) -> Result<Vec<Versioned<Agent>>, RepositoryError> {
+        if self.hold.holding.load(Ordering::SeqCst) {
+            self.hold.candidates_read.notify_one();
+        }
         self.redis
             .capable_agents(capability, limit, freshness)
             .await
@@ -201,10 +251,10 @@ async fn parallel_tasks_are_placed_one_by_one_when_placing_them_together_keeps_l
         Some(&redis),
         &[("OPSCORE__WORKFLOWS__RECONCILE_INTERVAL_SECS", "86400")],
     );
-    let raced = Raced {
-        redis: opscore::worker::redis_repository(&settings).expect("redis repository"),
-        refused: Arc::default(),
-    };
+    let raced = Raced::new(
+        opscore::worker::redis_repository(&settings).expect("redis repository"),
+        true,
+    );
     let worker = InProcessWorker::start_with(settings, raced.clone(), &nats).await;
     // One slot each: three tasks ready at once need three agents.
     let mut agents = Vec::new();
@@ -234,6 +284,52 @@ async fn parallel_tasks_are_placed_one_by_one_when_placing_them_together_keeps_l
     assert!(
         raced.refused.load(Ordering::SeqCst) > 0,
         "the placement of all three at once was tried and lost"
+    );
+    worker.stop().await;
+}
+
+/// A result giving back one of an agent's slots while a placement takes another: both are
+/// right, and within one worker neither should cost the other a conflict. The result's commit
+/// is held while the placement reads the agent; the placement then waits for it and chooses
+/// from the record it leaves.
+#[tokio::test]
+async fn a_result_and_a_placement_on_one_agent_take_turns_in_one_worker() {
+    let nats = NatsServer::start();
+    let redis = RedisServer::start();
+    let settings = settings(&nats, Some(&redis), &[]);
+    let raced = Raced::new(
+        opscore::worker::redis_repository(&settings).expect("redis repository"),
+        false,
+    );
+    let worker = InProcessWorker::start_with(settings, raced.clone(), &nats).await;
+    let mut agent = SimAgent::start(&nats, "solo", &["solo"], 2).await;
+    let one_task = |id: &str| {
+        let task = json!({"taskId": "t", "name": "t", "agentCapability": "solo", "dependsOn": []});
+        json!({"workflowDefinition": {"id": id, "name": id, "version": "1", "tasks": [task]}})
+    };
+    let first = trigger(&nats, one_task("first")).await;
+    let assignment = agent.next_assignment().await;
+
+    raced.hold.armed.store(true, Ordering::SeqCst);
+    agent.complete(&assignment, json!(null)).await;
+    raced.hold.held.notified().await;
+    let release_once_read = async {
+        raced.hold.candidates_read.notified().await;
+        raced.hold.release.add_permits(1);
+    };
+    let (second, ()) = tokio::join!(trigger(&nats, one_task("second")), release_once_read);
+    let assignment = agent.next_assignment().await;
+    agent.complete(&assignment, json!(null)).await;
+
+    let ended = wait_for_sessions(&nats, &[first, second]).await;
+    assert!(
+        ended.iter().all(|session| session["status"] == "completed"),
+        "{ended:?}"
+    );
+    assert_eq!(
+        raced.conflicts.load(Ordering::SeqCst),
+        0,
+        "the result and the placement took turns"
     );
     worker.stop().await;
 }

@@ -4,6 +4,7 @@
 mod agents;
 mod claims;
 pub(crate) mod consumer;
+mod gates;
 mod handler;
 mod recover;
 mod sessions;

@@ -14,6 +14,7 @@ use serde_json::{Map, Value, json};
 use tracing::{debug, info, warn};
 
 use super::claims::{Claim, Claims};
+use super::gates::Gates;
 use crate::bus::Publisher;
 use crate::model::{Agent, Lease};
 use crate::outbox::OutboxMessage;
@@ -164,6 +165,8 @@ pub struct Sessions<R> {
     liveness_timeout: chrono::Duration,
     /// Slots this process's placements are about to take, shared by every clone.
     claims: Arc<Claims>,
+    /// Agent records this process's changes are writing, shared by every clone.
+    gates: Arc<Gates>,
 }
 
 impl<R: Repository> Sessions<R> {
@@ -173,6 +176,7 @@ impl<R: Repository> Sessions<R> {
             publisher,
             liveness_timeout,
             claims: Arc::default(),
+            gates: Arc::default(),
         }
     }
 
@@ -377,6 +381,8 @@ impl<R: Repository> Sessions<R> {
         let mut timers_fired = timers_fired;
         // Attempts made: a commit that leaves tasks for the next one does not count.
         let mut attempt = 0;
+        // Choices made again because a record chosen from changed in this process meanwhile.
+        let mut rechosen = 0;
         while attempt < MAX_ATTEMPTS {
             let record = match known.take() {
                 Some(record) => record,
@@ -511,7 +517,27 @@ impl<R: Repository> Sessions<R> {
                 count_placement("unchanged");
                 return Ok(placed);
             }
-            match change.commit(&self.repository, None, None).await? {
+            // The agents given tasks are written under their gates. Another change in this
+            // process may have committed one of them since the candidates were read: choosing
+            // again from the record it left costs no round trip to storage, where committing
+            // the stale one would cost a conflict and a fresh read.
+            let passage = self.gates.pass(&change.changed).await;
+            if !self.chosen_records_current(&change).await? {
+                drop(passage);
+                count_placement("rechosen");
+                rechosen += 1;
+                if rechosen >= MAX_ATTEMPTS {
+                    attempt += 1;
+                }
+                known = Some(Versioned {
+                    version: change.version,
+                    value: unchanged,
+                });
+                continue;
+            }
+            let committed = change.commit(&self.repository, None, None).await?;
+            drop(passage);
+            match committed {
                 SessionCommitOutcome::Committed { .. } => {
                     count_placement(if dispatched > 0 {
                         "dispatched"
@@ -585,12 +611,24 @@ impl<R: Repository> Sessions<R> {
                 }
             };
             change.timers_clear.extend(timers_fired.iter().cloned());
+            // The agents given a slot back are read and written under their gates, so that the
+            // records read are the last this process committed.
+            let released: Vec<String> = effects
+                .iter()
+                .filter_map(|effect| match effect {
+                    Effect::ReleaseLease(release) => Some(release.agent_id.clone()),
+                    _ => None,
+                })
+                .collect();
+            let passage = self.gates.pass(&released).await;
             change.absorb(&self.repository, effects).await?;
             if let Some(agent_id) = heard_from {
                 change.hear_from(agent_id, self.liveness_timeout);
             }
+            let committed = change.commit(&self.repository, event, None).await?;
+            drop(passage);
 
-            match change.commit(&self.repository, event, None).await? {
+            match committed {
                 SessionCommitOutcome::Committed { waiting } => {
                     crate::faults::crash_point("after_commit");
                     self.publisher.flush(&self.repository, &change.outbox).await;
@@ -626,6 +664,21 @@ impl<R: Repository> Sessions<R> {
             }
         }
         Ok(Reported::not_seen(SessionOutcome::Contended))
+    }
+
+    /// Whether the records of the agents `change` gives tasks are still the ones it chose
+    /// from, as far as this process knows.
+    async fn chosen_records_current(&self, change: &Change) -> Result<bool, RepositoryError> {
+        for agent_id in &change.changed {
+            let Some((_, chosen)) = change.agents.get(agent_id) else {
+                continue;
+            };
+            let kept = self.repository.load_for_change(agent_id).await?;
+            if kept.map(|record| record.version) != Some(*chosen) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Places the ready tasks of the given sessions and of the sessions waiting for the given
@@ -833,7 +886,7 @@ impl Change {
                 Effect::ReleaseLease(release) => {
                     if !self.agents.contains_key(&release.agent_id)
                         && let Some(Versioned { version, value }) =
-                            repository.load(&release.agent_id).await?
+                            repository.load_for_change(&release.agent_id).await?
                     {
                         self.agents
                             .insert(release.agent_id.clone(), (value, version));
