@@ -125,7 +125,7 @@ impl SessionRepository for Raced {
         capability: &str,
         limit: usize,
         freshness: Freshness,
-    ) -> Result<Vec<Versioned<Agent>>, RepositoryError> {
+    ) -> Result<Vec<Versioned<Arc<Agent>>>, RepositoryError> {
         if self.hold.holding.load(Ordering::SeqCst) {
             self.hold.candidates_read.notify_one();
         }

@@ -715,7 +715,7 @@ async fn capable_agents_are_the_stored_records<R: Repository>(repository: R) {
             records.sort_by(|a, b| a.value.agent_id.cmp(&b.value.agent_id));
             records
                 .into_iter()
-                .map(|r| (r.version, r.value))
+                .map(|r| (r.version, (*r.value).clone()))
                 .collect::<Vec<_>>()
         }
     };
@@ -1045,7 +1045,7 @@ async fn redis_candidates_are_read_as_stored_whatever_is_kept() {
                 .expect("capable");
             records
                 .into_iter()
-                .map(|r| (r.version, r.value))
+                .map(|r| (r.version, (*r.value).clone()))
                 .collect::<Vec<_>>()
         }
     };
@@ -1091,7 +1091,7 @@ async fn redis_kept_candidates_may_lag_and_the_commit_catches_it() {
         .await
         .expect("kept");
     assert_eq!(
-        (kept[0].version, &kept[0].value),
+        (kept[0].version, kept[0].value.as_ref()),
         (1, &old),
         "a version behind"
     );
@@ -1107,7 +1107,7 @@ async fn redis_kept_candidates_may_lag_and_the_commit_catches_it() {
         .capable_agents("x", 10, Freshness::Current)
         .await
         .expect("current");
-    assert_eq!((current[0].version, &current[0].value), (2, &busy));
+    assert_eq!((current[0].version, current[0].value.as_ref()), (2, &busy));
 }
 
 /// A placement chosen from a kept record does not overwrite a record lost and created again up
@@ -1128,7 +1128,7 @@ async fn redis_a_session_commit_does_not_take_a_record_created_again_for_the_one
         .await
         .expect("kept");
     assert_eq!(
-        (kept[0].version, &kept[0].value),
+        (kept[0].version, kept[0].value.as_ref()),
         (1, &old),
         "the first worker keeps the old record, at the version the new one has"
     );

@@ -2,6 +2,7 @@
 //! the index of sessions waiting for an agent of some capability.
 
 use std::future::Future;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
@@ -146,13 +147,13 @@ pub trait SessionRepository: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<String>, RepositoryError>> + Send;
 
     /// Agents with `capability`, at most `limit`, with their versions, as current as
-    /// `freshness` asks.
+    /// `freshness` asks. Records are shared: a placement copies only those it changes.
     fn capable_agents(
         &self,
         capability: &str,
         limit: usize,
         freshness: Freshness,
-    ) -> impl Future<Output = Result<Vec<Versioned<Agent>>, RepositoryError>> + Send;
+    ) -> impl Future<Output = Result<Vec<Versioned<Arc<Agent>>>, RepositoryError>> + Send;
 
     /// Timers due at `now`, claimed until `claim_until`.
     fn claim_due_timers(

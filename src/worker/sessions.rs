@@ -400,7 +400,7 @@ impl<R: Repository> Sessions<R> {
             let mut began_waiting = false;
 
             // Candidates for every capability the ready tasks need, read before deciding.
-            let mut agents: BTreeMap<String, (Agent, u64)> = BTreeMap::new();
+            let mut agents: BTreeMap<String, (Arc<Agent>, u64)> = BTreeMap::new();
             let capabilities: BTreeSet<String> = record
                 .value
                 .tasks
@@ -755,7 +755,7 @@ struct Change {
     /// The session's counters as read, to move them by the difference on commit.
     counts_before: BTreeMap<String, i64>,
     /// Agents read for this change, by id, with the version read.
-    agents: BTreeMap<String, (Agent, u64)>,
+    agents: BTreeMap<String, (Arc<Agent>, u64)>,
     /// Ids of the agents whose records this change modifies.
     changed: BTreeSet<String>,
     /// Agents that got a slot back.
@@ -810,7 +810,7 @@ impl Change {
         if let Some((agent, _)) = self.agents.get_mut(agent_id)
             && agent.is_alive()
         {
-            agent.last_seen = self.now;
+            Arc::make_mut(agent).last_seen = self.now;
             self.liveness = Some((agent_id.to_owned(), self.now + liveness_timeout));
         }
     }
@@ -836,6 +836,7 @@ impl Change {
             lease_epoch: task.lease_epoch,
         };
         if let Some((agent, _)) = self.agents.get_mut(agent_id) {
+            let agent = Arc::make_mut(agent);
             agent.leases.push(lease);
             agent.last_assigned_at = Some(now);
             self.changed.insert(agent_id.to_owned());
@@ -889,10 +890,10 @@ impl Change {
                             repository.load_for_change(&release.agent_id).await?
                     {
                         self.agents
-                            .insert(release.agent_id.clone(), (value, version));
+                            .insert(release.agent_id.clone(), (Arc::new(value), version));
                     }
                     if let Some((agent, _)) = self.agents.get_mut(&release.agent_id) {
-                        agent.leases.retain(|lease| {
+                        Arc::make_mut(agent).leases.retain(|lease| {
                             !(lease.task_id == release.task_id
                                 && lease.lease_epoch == release.lease_epoch)
                         });
@@ -969,7 +970,7 @@ impl Change {
             .changed
             .iter()
             .filter_map(|id| self.agents.get(id))
-            .map(|(agent, version)| (agent, *version))
+            .map(|(agent, version)| (agent.as_ref(), *version))
             .collect();
         repository
             .commit_session(SessionCommit {
@@ -1059,7 +1060,7 @@ fn count_placement(outcome: &'static str) {
 
 /// The capabilities among `capabilities` that none of `agents` can take a task of now.
 fn saturated(
-    agents: &BTreeMap<String, (Agent, u64)>,
+    agents: &BTreeMap<String, (Arc<Agent>, u64)>,
     capabilities: &BTreeSet<String>,
 ) -> BTreeSet<String> {
     let candidates: Vec<Candidate> = agents
@@ -1074,13 +1075,13 @@ fn saturated(
 }
 
 /// The scheduler's view of `agent`, with `claimed` more of its slots counted as taken.
-fn candidate(agent: &Agent, claimed: u32) -> Candidate {
+fn candidate(agent: &Agent, claimed: u32) -> Candidate<'_> {
     let leases = u32::try_from(agent.leases.len()).unwrap_or(u32::MAX);
     Candidate {
-        agent_id: agent.agent_id.clone(),
-        capabilities: agent.capabilities.clone(),
+        agent_id: &agent.agent_id,
+        capabilities: &agent.capabilities,
         alive: agent.is_alive(),
-        state: agent.state.as_str().to_owned(),
+        state: agent.state.as_str(),
         deregistered: agent.deregistered,
         max_concurrent_tasks: agent.max_concurrent_tasks,
         leases_held: leases.saturating_add(claimed),

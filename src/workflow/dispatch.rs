@@ -4,15 +4,16 @@ use chrono::{DateTime, Utc};
 
 use super::session::PendingReason;
 
-/// What the scheduler knows about one registered agent.
+/// What the scheduler knows about one registered agent, borrowed from its record: a placement
+/// ranks every capable agent for each task, and copies nothing to do it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Candidate {
-    pub agent_id: String,
-    pub capabilities: Vec<String>,
+pub struct Candidate<'a> {
+    pub agent_id: &'a str,
+    pub capabilities: &'a [String],
     /// Heard from within the liveness timeout.
     pub alive: bool,
     /// Last reported state, already lowercased by the caller.
-    pub state: String,
+    pub state: &'a str,
     pub deregistered: bool,
     pub max_concurrent_tasks: u32,
     /// Live task leases the agent holds now.
@@ -21,7 +22,7 @@ pub struct Candidate {
     pub last_assigned_at: Option<DateTime<Utc>>,
 }
 
-impl Candidate {
+impl Candidate<'_> {
     /// Could take this capability at some point: live, registered, not winding down.
     fn is_capable(&self, capability: &str) -> bool {
         !self.deregistered
@@ -32,8 +33,7 @@ impl Candidate {
 
     /// Can take a task now.
     fn has_free_slot(&self) -> bool {
-        matches!(self.state.as_str(), "idle" | "active")
-            && self.leases_held < self.max_concurrent_tasks
+        matches!(self.state, "idle" | "active") && self.leases_held < self.max_concurrent_tasks
     }
 }
 
@@ -51,7 +51,7 @@ pub const SPREAD: usize = 8;
 /// Without any capable agent the reason is `no_capable_agent`; when capable agents exist but
 /// none is eligible it is `all_capable_agents_busy`.
 pub fn choose_agent(
-    candidates: &[Candidate],
+    candidates: &[Candidate<'_>],
     capability: &str,
     pinned: Option<&str>,
     spread: u64,
@@ -71,7 +71,7 @@ pub fn choose_agent(
     let rank = |a: &&Candidate, b: &&Candidate| {
         a.last_assigned_at
             .cmp(&b.last_assigned_at)
-            .then_with(|| a.agent_id.cmp(&b.agent_id))
+            .then_with(|| a.agent_id.cmp(b.agent_id))
     };
     let window = eligible.len().min(SPREAD);
     if window < eligible.len() {
@@ -81,20 +81,24 @@ pub fn choose_agent(
     eligible.sort_unstable_by(rank);
     // `window` is at most SPREAD, so the remainder fits in usize.
     let pick = (spread % window as u64) as usize;
-    Ok(eligible[pick].agent_id.clone())
+    Ok(eligible[pick].agent_id.to_owned())
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::LazyLock;
+
     use super::*;
     use chrono::TimeZone;
 
-    fn agent(id: &str) -> Candidate {
+    static SUMMARIZE: LazyLock<Vec<String>> = LazyLock::new(|| vec!["summarize".to_owned()]);
+
+    fn agent(id: &str) -> Candidate<'_> {
         Candidate {
-            agent_id: id.to_owned(),
-            capabilities: vec!["summarize".to_owned()],
+            agent_id: id,
+            capabilities: &SUMMARIZE,
             alive: true,
-            state: "idle".to_owned(),
+            state: "idle",
             deregistered: false,
             max_concurrent_tasks: 1,
             leases_held: 0,
@@ -140,7 +144,7 @@ mod tests {
     #[test]
     fn active_agents_with_a_free_slot_are_eligible() {
         let a = Candidate {
-            state: "active".to_owned(),
+            state: "active",
             max_concurrent_tasks: 2,
             leases_held: 1,
             ..agent("a")
@@ -150,9 +154,10 @@ mod tests {
 
     #[test]
     fn missing_capability_dead_deregistered_or_draining_agents_are_not_capable() {
+        let translate = ["translate".to_owned()];
         let agents = [
             Candidate {
-                capabilities: vec!["translate".to_owned()],
+                capabilities: &translate,
                 ..agent("a")
             },
             Candidate {
@@ -164,7 +169,7 @@ mod tests {
                 ..agent("c")
             },
             Candidate {
-                state: "draining".to_owned(),
+                state: "draining",
                 ..agent("d")
             },
         ];
@@ -186,11 +191,11 @@ mod tests {
                 ..agent("a")
             },
             Candidate {
-                state: "busy".to_owned(),
+                state: "busy",
                 ..agent("b")
             },
             Candidate {
-                state: "error".to_owned(),
+                state: "error",
                 ..agent("c")
             },
             Candidate {
@@ -198,7 +203,7 @@ mod tests {
                 ..agent("d")
             },
             Candidate {
-                state: "IDLE".to_owned(),
+                state: "IDLE",
                 ..agent("e")
             },
         ];
@@ -243,13 +248,14 @@ mod tests {
     fn spread_picks_among_the_least_recently_assigned_only() {
         // Twelve eligible agents; agent n was assigned at minute 20 - n, so "l" (n = 11) is the
         // least recently assigned and "a" the most.
+        let ids: Vec<String> = (0..12u8)
+            .map(|n| char::from(b'a' + n).to_string())
+            .collect();
         let agents: Vec<Candidate> = (0..12u32)
-            .map(|n| {
-                let id = char::from(b'a' + n as u8).to_string();
-                Candidate {
-                    last_assigned_at: at(20 - n),
-                    ..agent(&id)
-                }
+            .zip(&ids)
+            .map(|(n, id)| Candidate {
+                last_assigned_at: at(20 - n),
+                ..agent(id)
             })
             .collect();
         let picks: Vec<String> = (0..SPREAD as u64 * 2)

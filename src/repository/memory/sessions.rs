@@ -1,6 +1,7 @@
 //! Workflows and sessions in memory, with the semantics of the Redis scripts.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
@@ -255,7 +256,7 @@ impl SessionRepository for MemoryRepository {
         capability: &str,
         limit: usize,
         _freshness: Freshness,
-    ) -> Result<Vec<Versioned<Agent>>, RepositoryError> {
+    ) -> Result<Vec<Versioned<Arc<Agent>>>, RepositoryError> {
         let state = self.state();
         let Some(members) = state.capabilities.get(capability) else {
             return Ok(Vec::new());
@@ -263,7 +264,11 @@ impl SessionRepository for MemoryRepository {
         Ok(members
             .iter()
             .take(limit)
-            .filter_map(|id| state.agents.get(id).cloned())
+            .filter_map(|id| state.agents.get(id))
+            .map(|record| Versioned {
+                version: record.version,
+                value: Arc::new(record.value.clone()),
+            })
             .collect())
     }
 

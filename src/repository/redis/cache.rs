@@ -11,7 +11,7 @@
 //! listings) never look here.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::model::Agent;
 use crate::repository::Versioned;
@@ -26,14 +26,16 @@ pub(super) struct AgentCache {
     records: Mutex<HashMap<String, Kept>>,
 }
 
+/// A kept record is shared with the placements reading it, so that reading every candidate of a
+/// capability copies none of them.
 #[derive(Debug)]
 struct Kept {
-    record: Versioned<Agent>,
+    record: Versioned<Arc<Agent>>,
     incarnation: String,
 }
 
 impl AgentCache {
-    pub(super) fn get(&self, agent_id: &str) -> Option<Versioned<Agent>> {
+    pub(super) fn get(&self, agent_id: &str) -> Option<Versioned<Arc<Agent>>> {
         self.records().get(agent_id).map(|kept| kept.record.clone())
     }
 
@@ -47,7 +49,7 @@ impl AgentCache {
         agent_id: &str,
         version: u64,
         incarnation: &str,
-    ) -> Option<Versioned<Agent>> {
+    ) -> Option<Versioned<Arc<Agent>>> {
         self.records()
             .get(agent_id)
             .filter(|kept| kept.record.version == version && kept.incarnation == incarnation)
@@ -62,7 +64,7 @@ impl AgentCache {
             .map(|kept| kept.incarnation.clone())
     }
 
-    pub(super) fn put(&self, record: Versioned<Agent>, incarnation: String) {
+    pub(super) fn put(&self, record: Versioned<Arc<Agent>>, incarnation: String) {
         let mut records = self.records();
         if records.len() >= CAPACITY && !records.contains_key(&record.value.agent_id) {
             // Whichever record the map yields first goes: no bookkeeping per hit, and an
@@ -95,7 +97,7 @@ impl AgentCache {
 mod tests {
     use super::*;
 
-    fn record(id: &str, version: u64) -> Versioned<Agent> {
+    fn record(id: &str, version: u64) -> Versioned<Arc<Agent>> {
         let json = serde_json::json!({
             "agentId": id, "agentName": id, "version": "1", "capabilities": [],
             "metadata": {}, "details": {}, "maxConcurrentTasks": 1, "state": "idle", "stateTimestamp": "2026-01-01T00:00:00Z",
@@ -104,7 +106,7 @@ mod tests {
         });
         Versioned {
             version,
-            value: serde_json::from_value(json).expect("an agent record"),
+            value: Arc::new(serde_json::from_value(json).expect("an agent record")),
         }
     }
 

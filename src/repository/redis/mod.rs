@@ -257,7 +257,10 @@ impl AgentRepository for RedisRepository {
         agent_id: &str,
     ) -> Result<Option<Versioned<Agent>>, RepositoryError> {
         if let Some(record) = self.agents.get(agent_id) {
-            return Ok(Some(record));
+            return Ok(Some(Versioned {
+                version: record.version,
+                value: Agent::clone(&record.value),
+            }));
         }
         let key = self.keys.agent(agent_id);
         let mut connection = self.connection.clone();
@@ -273,13 +276,15 @@ impl AgentRepository for RedisRepository {
         let (Some(version), Some(data)) = (version, data) else {
             return Ok(None);
         };
-        let record = Versioned {
-            version,
-            value: decode(&key, &data)?,
-        };
-        self.agents
-            .put(record.clone(), incarnation.unwrap_or_default());
-        Ok(Some(record))
+        let value: Agent = decode(&key, &data)?;
+        self.agents.put(
+            Versioned {
+                version,
+                value: Arc::new(value.clone()),
+            },
+            incarnation.unwrap_or_default(),
+        );
+        Ok(Some(Versioned { version, value }))
     }
 
     async fn load(&self, agent_id: &str) -> Result<Option<Versioned<Agent>>, RepositoryError> {
@@ -391,7 +396,7 @@ impl AgentRepository for RedisRepository {
             "ok" => {
                 let record = Versioned {
                     version,
-                    value: commit.agent.clone(),
+                    value: Arc::new(commit.agent.clone()),
                 };
                 self.agents.put(record, incarnation);
                 CommitOutcome::Committed {
@@ -407,6 +412,7 @@ impl AgentRepository for RedisRepository {
                 // The reply carries the current record: the retry starts from it.
                 match decode::<Agent>(&self.keys.agent(id), &current) {
                     Ok(value) if version > 0 => {
+                        let value = Arc::new(value);
                         self.agents.put(Versioned { version, value }, incarnation);
                     }
                     _ => self.agents.forget(id),

@@ -1,5 +1,7 @@
 //! Workflows and sessions in Redis; the key layout is in the parent module.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 
 use super::{RedisRepository, decode, millis, unavailable};
@@ -61,7 +63,7 @@ impl RedisRepository {
     async fn load_agents(
         &self,
         ids: Vec<String>,
-    ) -> Result<Vec<Versioned<Agent>>, RepositoryError> {
+    ) -> Result<Vec<Versioned<Arc<Agent>>>, RepositoryError> {
         let mut connection = self.connection.clone();
         let mut records = Vec::with_capacity(ids.len());
         let mut unread: Vec<(String, String)> = ids
@@ -99,7 +101,7 @@ impl RedisRepository {
                 } else if let Some(data) = field() {
                     let record = Versioned {
                         version,
-                        value: decode(&key, &data)?,
+                        value: Arc::new(decode(&key, &data)?),
                     };
                     self.agents.put(record.clone(), incarnation);
                     records.push(record);
@@ -300,7 +302,7 @@ impl SessionRepository for RedisRepository {
                 Some(incarnation) if committed => {
                     let record = Versioned {
                         version: version + 1,
-                        value: (*agent).clone(),
+                        value: Arc::new((*agent).clone()),
                     };
                     self.agents.put(record, incarnation);
                 }
@@ -422,7 +424,7 @@ impl SessionRepository for RedisRepository {
         capability: &str,
         limit: usize,
         freshness: Freshness,
-    ) -> Result<Vec<Versioned<Agent>>, RepositoryError> {
+    ) -> Result<Vec<Versioned<Arc<Agent>>>, RepositoryError> {
         let mut connection = self.connection.clone();
         let ids: Vec<String> = redis::cmd("ZRANGEBYLEX")
             .arg(self.keys.capability(capability))
