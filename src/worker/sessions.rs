@@ -518,11 +518,12 @@ impl<R: Repository> Sessions<R> {
                 return Ok(placed);
             }
             // The agents given tasks are written under their gates. Another change in this
-            // process may have committed one of them since the candidates were read: choosing
-            // again from the record it left costs no round trip to storage, where committing
-            // the stale one would cost a conflict and a fresh read.
+            // process may have committed one of them since the candidates were read: the
+            // leases move onto the record it left, or the tasks are chosen again from it, at
+            // no round trip to storage, where committing the stale record would cost a
+            // conflict and a fresh read.
             let passage = self.gates.pass(&change.changed).await;
-            if !self.chosen_records_current(&change).await? {
+            if !self.rebase_chosen(&mut change).await? {
                 drop(passage);
                 count_placement("rechosen");
                 rechosen += 1;
@@ -666,15 +667,20 @@ impl<R: Repository> Sessions<R> {
         Ok(Reported::not_seen(SessionOutcome::Contended))
     }
 
-    /// Whether the records of the agents `change` gives tasks are still the ones it chose
-    /// from, as far as this process knows.
-    async fn chosen_records_current(&self, change: &Change) -> Result<bool, RepositoryError> {
-        for agent_id in &change.changed {
-            let Some((_, chosen)) = change.agents.get(agent_id) else {
+    /// Brings the agents `change` gives tasks up to the records this process last committed:
+    /// a record another change wrote since it was read takes the same leases if it can still
+    /// hold them. False when one cannot, and the tasks must be chosen again.
+    async fn rebase_chosen(&self, change: &mut Change) -> Result<bool, RepositoryError> {
+        let changed: Vec<String> = change.changed.iter().cloned().collect();
+        for agent_id in changed {
+            let Some((_, chosen)) = change.agents.get(&agent_id) else {
                 continue;
             };
-            let kept = self.repository.load_for_change(agent_id).await?;
-            if kept.map(|record| record.version) != Some(*chosen) {
+            let chosen = *chosen;
+            let Some(current) = self.repository.load_for_change(&agent_id).await? else {
+                return Ok(false);
+            };
+            if current.version != chosen && !change.rebase(&agent_id, current) {
                 return Ok(false);
             }
         }
@@ -760,6 +766,8 @@ struct Change {
     changed: BTreeSet<String>,
     /// Agents that got a slot back.
     released: BTreeSet<String>,
+    /// Leases this change adds, by the agent that takes them.
+    reserved: Vec<(String, Lease)>,
     timers_set: Vec<Timer>,
     timers_clear: Vec<String>,
     outbox: Vec<OutboxMessage>,
@@ -782,6 +790,7 @@ impl Change {
             counts_before,
             agents: BTreeMap::new(),
             changed: BTreeSet::new(),
+            reserved: Vec::new(),
             released: BTreeSet::new(),
             timers_set: Vec::new(),
             timers_clear: Vec::new(),
@@ -837,10 +846,39 @@ impl Change {
         };
         if let Some((agent, _)) = self.agents.get_mut(agent_id) {
             let agent = Arc::make_mut(agent);
-            agent.leases.push(lease);
+            agent.leases.push(lease.clone());
             agent.last_assigned_at = Some(now);
             self.changed.insert(agent_id.to_owned());
+            self.reserved.push((agent_id.to_owned(), lease));
         }
+    }
+
+    /// Moves this change's leases on `agent_id` onto `current`, a later record of the agent,
+    /// if it can still take every one of them; otherwise leaves the change as it was.
+    fn rebase(&mut self, agent_id: &str, current: Versioned<Agent>) -> bool {
+        let Versioned {
+            version,
+            value: mut agent,
+        } = current;
+        for (_, lease) in self.reserved.iter().filter(|(id, _)| id == agent_id) {
+            let Some(task) = self
+                .session
+                .tasks
+                .iter()
+                .find(|t| t.task_id == lease.task_id)
+            else {
+                return false;
+            };
+            let candidates = [candidate(&agent, 0)];
+            if choose_agent(&candidates, &task.capability, Some(agent_id), 0).is_err() {
+                return false;
+            }
+            agent.leases.push(lease.clone());
+            agent.last_assigned_at = Some(self.now);
+        }
+        self.agents
+            .insert(agent_id.to_owned(), (Arc::new(agent), version));
+        true
     }
 
     /// Turns the engine's effects into records to write and messages to publish.
@@ -1101,6 +1139,74 @@ pub fn session_of_task(task_id: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn agent(max_concurrent_tasks: u32, leases: &[&str]) -> Agent {
+        let leases: Vec<Value> = leases
+            .iter()
+            .map(|task| json!({"sessionId": "other", "taskId": task, "leaseEpoch": 1}))
+            .collect();
+        serde_json::from_value(json!({
+            "agentId": "a", "agentName": "a", "version": "1", "capabilities": ["x"],
+            "metadata": {}, "details": {}, "maxConcurrentTasks": max_concurrent_tasks,
+            "state": "idle", "stateTimestamp": "2026-01-01T00:00:00Z",
+            "registeredAt": "2026-01-01T00:00:00Z", "lastSeen": "2026-01-01T00:00:00Z",
+            "deregistered": false, "seq": 0, "staleEvents": 0, "leases": leases
+        }))
+        .expect("an agent record")
+    }
+
+    /// A change that reserved a slot of agent `a`, read at version 5 with no leases.
+    fn reserved_on_a() -> (Change, String) {
+        let definition: WorkflowDefinition = serde_json::from_value(json!({
+            "id": "w", "name": "w", "version": "1",
+            "tasks": [{"taskId": "t", "name": "t", "agentCapability": "x", "dependsOn": []}]
+        }))
+        .expect("a definition");
+        let now = Utc::now();
+        let (session, _) = Session::start(
+            definition,
+            "01890a5d-ac96-774b-bcce-b302099a8057",
+            json!({}),
+            None,
+            Map::new(),
+            now,
+        )
+        .expect("a session");
+        let task_id = session.tasks[0].task_id.clone();
+        let mut change = Change::new(session, 1, now);
+        change
+            .agents
+            .insert("a".to_owned(), (Arc::new(agent(2, &[])), 5));
+        change.reserve("a", &task_id, now);
+        (change, task_id)
+    }
+
+    #[test]
+    fn a_reservation_moves_onto_a_later_record_with_room_for_it() {
+        let (mut change, task_id) = reserved_on_a();
+        let later = Versioned {
+            version: 6,
+            value: agent(2, &["elsewhere"]),
+        };
+        assert!(change.rebase("a", later));
+        let (record, version) = &change.agents["a"];
+        let tasks: Vec<&str> = record.leases.iter().map(|l| l.task_id.as_str()).collect();
+        assert_eq!((*version, tasks), (6, vec!["elsewhere", task_id.as_str()]));
+        assert_eq!(record.last_assigned_at, Some(change.now));
+    }
+
+    #[test]
+    fn a_reservation_stays_where_the_later_record_has_no_room() {
+        let (mut change, task_id) = reserved_on_a();
+        let full = Versioned {
+            version: 6,
+            value: agent(2, &["one", "two"]),
+        };
+        assert!(!change.rebase("a", full));
+        let (record, version) = &change.agents["a"];
+        let tasks: Vec<&str> = record.leases.iter().map(|l| l.task_id.as_str()).collect();
+        assert_eq!((*version, tasks), (5, vec![task_id.as_str()]), "untouched");
+    }
 
     #[test]
     fn task_ids_lead_back_to_their_session() {
