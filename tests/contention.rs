@@ -3,8 +3,8 @@
 //! reserves slots on several agents fails when any one of them changed since it was read.
 //! Real writers cannot make that happen on cue, so the repository here stages it: it can
 //! refuse, as a conflict, every session commit that touches more than one agent, and it can
-//! hold back the commit of a task report until the test lets it go. Everything else goes to
-//! Redis.
+//! hold back the commit of a task report or of an agent's own event until the test lets it go.
+//! Everything else goes to Redis.
 
 mod common;
 
@@ -32,14 +32,15 @@ struct Raced {
     /// Refuse every session commit touching several agents, as a lost race.
     refuse_shared: bool,
     refused: Arc<AtomicU64>,
-    /// Conflicts Redis answered to session commits.
+    /// Conflicts Redis answered to session and agent commits.
     conflicts: Arc<AtomicU64>,
     hold: Arc<Hold>,
 }
 
-/// Holds back the next task report's session commit.
+/// Holds back the next task report's session commit, or the next agent event's commit.
 struct Hold {
     armed: AtomicBool,
+    armed_agent: AtomicBool,
     holding: AtomicBool,
     /// A commit is held.
     held: Notify,
@@ -57,12 +58,23 @@ impl Raced {
             conflicts: Arc::default(),
             hold: Arc::new(Hold {
                 armed: AtomicBool::new(false),
+                armed_agent: AtomicBool::new(false),
                 holding: AtomicBool::new(false),
                 held: Notify::new(),
                 candidates_read: Notify::new(),
                 release: Semaphore::new(0),
             }),
         }
+    }
+}
+
+impl Hold {
+    /// Holds the commit in progress until the test releases it.
+    async fn wait(&self) {
+        self.holding.store(true, Ordering::SeqCst);
+        self.held.notify_one();
+        self.release.acquire().await.expect("open").forget();
+        self.holding.store(false, Ordering::SeqCst);
     }
 }
 
@@ -76,10 +88,7 @@ impl SessionRepository for Raced {
             return Ok(SessionCommitOutcome::Conflict);
         }
         if commit.event.is_some() && self.hold.armed.swap(false, Ordering::SeqCst) {
-            self.hold.holding.store(true, Ordering::SeqCst);
-            self.hold.held.notify_one();
-            self.hold.release.acquire().await.expect("open").forget();
-            self.hold.holding.store(false, Ordering::SeqCst);
+            self.hold.wait().await;
         }
         let outcome = self.redis.commit_session(commit).await;
         if matches!(outcome, Ok(SessionCommitOutcome::Conflict)) {
@@ -161,7 +170,14 @@ impl AgentRepository for Raced {
     }
 
     async fn commit(&self, commit: AgentCommit<'_>) -> Result<CommitOutcome, RepositoryError> {
-        self.redis.commit(commit).await
+        if commit.event_id.is_some() && self.hold.armed_agent.swap(false, Ordering::SeqCst) {
+            self.hold.wait().await;
+        }
+        let outcome = self.redis.commit(commit).await;
+        if matches!(outcome, Ok(CommitOutcome::Conflict)) {
+            self.conflicts.fetch_add(1, Ordering::SeqCst);
+        }
+        outcome
     }
 
     async fn history(
@@ -288,48 +304,103 @@ async fn parallel_tasks_are_placed_one_by_one_when_placing_them_together_keeps_l
     worker.stop().await;
 }
 
+/// A worker on staged Redis, with an agent `solo` of two slots that holds the task of a first
+/// session: one slot taken, one free.
+struct Solo {
+    nats: NatsServer,
+    _redis: RedisServer,
+    raced: Raced,
+    worker: InProcessWorker,
+    agent: SimAgent,
+    first: String,
+    first_task: serde_json::Value,
+}
+
+/// A trigger of a session with one task for `solo`.
+fn one_task(workflow_id: &str) -> serde_json::Value {
+    let task = json!({"taskId": "t", "name": "t", "agentCapability": "solo", "dependsOn": []});
+    json!({"workflowDefinition": {"id": workflow_id, "name": workflow_id, "version": "1", "tasks": [task]}})
+}
+
+impl Solo {
+    async fn start() -> Self {
+        let nats = NatsServer::start();
+        let redis = RedisServer::start();
+        let settings = settings(&nats, Some(&redis), &[]);
+        let raced = Raced::new(
+            opscore::worker::redis_repository(&settings).expect("redis repository"),
+            false,
+        );
+        let worker = InProcessWorker::start_with(settings, raced.clone(), &nats).await;
+        let mut agent = SimAgent::start(&nats, "solo", &["solo"], 2).await;
+        let first = trigger(&nats, one_task("first")).await;
+        let first_task = agent.next_assignment().await;
+        Self {
+            nats,
+            _redis: redis,
+            raced,
+            worker,
+            agent,
+            first,
+            first_task,
+        }
+    }
+
+    /// Triggers a second session while a held commit is released once the placement of its
+    /// task has read the agent; returns the second session and its task.
+    async fn place_second_while_held(&mut self) -> (String, serde_json::Value) {
+        self.raced.hold.held.notified().await;
+        let hold = &self.raced.hold;
+        let release_once_read = async {
+            hold.candidates_read.notified().await;
+            hold.release.add_permits(1);
+        };
+        let (second, ()) = tokio::join!(trigger(&self.nats, one_task("second")), release_once_read);
+        (second, self.agent.next_assignment().await)
+    }
+
+    /// Completes what is left, checks that both sessions completed, and that no commit lost a
+    /// race.
+    async fn finish(self, second: String, tasks: &[&serde_json::Value]) {
+        for task in tasks {
+            self.agent.complete(task, json!(null)).await;
+        }
+        let ended = wait_for_sessions(&self.nats, &[self.first.clone(), second]).await;
+        assert!(
+            ended.iter().all(|session| session["status"] == "completed"),
+            "{ended:?}"
+        );
+        assert_eq!(
+            self.raced.conflicts.load(Ordering::SeqCst),
+            0,
+            "the two changes of the agent took turns"
+        );
+        self.worker.stop().await;
+    }
+}
+
 /// A result giving back one of an agent's slots while a placement takes another: both are
 /// right, and within one worker neither should cost the other a conflict. The result's commit
-/// is held while the placement reads the agent; the placement then waits for it and chooses
-/// from the record it leaves.
+/// is held while the placement reads the agent; the placement then waits for it and takes the
+/// slot on the record it leaves.
 #[tokio::test]
 async fn a_result_and_a_placement_on_one_agent_take_turns_in_one_worker() {
-    let nats = NatsServer::start();
-    let redis = RedisServer::start();
-    let settings = settings(&nats, Some(&redis), &[]);
-    let raced = Raced::new(
-        opscore::worker::redis_repository(&settings).expect("redis repository"),
-        false,
-    );
-    let worker = InProcessWorker::start_with(settings, raced.clone(), &nats).await;
-    let mut agent = SimAgent::start(&nats, "solo", &["solo"], 2).await;
-    let one_task = |id: &str| {
-        let task = json!({"taskId": "t", "name": "t", "agentCapability": "solo", "dependsOn": []});
-        json!({"workflowDefinition": {"id": id, "name": id, "version": "1", "tasks": [task]}})
-    };
-    let first = trigger(&nats, one_task("first")).await;
-    let assignment = agent.next_assignment().await;
+    let mut solo = Solo::start().await;
+    solo.raced.hold.armed.store(true, Ordering::SeqCst);
+    solo.agent.complete(&solo.first_task, json!(null)).await;
+    let (second, second_task) = solo.place_second_while_held().await;
+    solo.finish(second, &[&second_task]).await;
+}
 
-    raced.hold.armed.store(true, Ordering::SeqCst);
-    agent.complete(&assignment, json!(null)).await;
-    raced.hold.held.notified().await;
-    let release_once_read = async {
-        raced.hold.candidates_read.notified().await;
-        raced.hold.release.add_permits(1);
-    };
-    let (second, ()) = tokio::join!(trigger(&nats, one_task("second")), release_once_read);
-    let assignment = agent.next_assignment().await;
-    agent.complete(&assignment, json!(null)).await;
-
-    let ended = wait_for_sessions(&nats, &[first, second]).await;
-    assert!(
-        ended.iter().all(|session| session["status"] == "completed"),
-        "{ended:?}"
-    );
-    assert_eq!(
-        raced.conflicts.load(Ordering::SeqCst),
-        0,
-        "the result and the placement took turns"
-    );
-    worker.stop().await;
+/// An agent's own event and a placement on that agent: within one worker they take turns too.
+/// The agent's commit is held while the placement reads the agent.
+#[tokio::test]
+async fn an_agent_event_and_a_placement_on_that_agent_take_turns_in_one_worker() {
+    let mut solo = Solo::start().await;
+    solo.raced.hold.armed_agent.store(true, Ordering::SeqCst);
+    let now = chrono::Utc::now().to_rfc3339();
+    solo.agent.agent.report("active", &now).await;
+    let (second, second_task) = solo.place_second_while_held().await;
+    let first_task = solo.first_task.clone();
+    solo.finish(second, &[&first_task, &second_task]).await;
 }

@@ -1,10 +1,12 @@
 //! Applying agent commands: load, decide with the pure rules, compare-and-set, publish.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use chrono::Utc;
 use tracing::debug;
 
+use super::gates::Gates;
 use crate::bus::Publisher;
 use crate::model::Agent;
 use crate::outbox::OutboxMessage;
@@ -50,14 +52,22 @@ pub struct Agents<R> {
     repository: R,
     publisher: Publisher,
     liveness_timeout: chrono::Duration,
+    /// Agent records this process's changes are writing, shared with the workflow side.
+    gates: Arc<Gates>,
 }
 
 impl<R: Repository> Agents<R> {
-    pub fn new(repository: R, publisher: Publisher, liveness_timeout: chrono::Duration) -> Self {
+    pub fn new(
+        repository: R,
+        publisher: Publisher,
+        liveness_timeout: chrono::Duration,
+        gates: Arc<Gates>,
+    ) -> Self {
         Self {
             repository,
             publisher,
             liveness_timeout,
+            gates,
         }
     }
 
@@ -75,6 +85,9 @@ impl<R: Repository> Agents<R> {
         trace: Option<&str>,
     ) -> Result<CommandOutcome, RepositoryError> {
         for _ in 0..MAX_CAS_ATTEMPTS {
+            // A placement or a result of this process does not write the record between this
+            // read and the commit.
+            let passage = self.gates.pass([agent_id]).await;
             let current = self.repository.load_for_change(agent_id).await?;
             let (version, agent) = match &current {
                 Some(record) => (record.version, Some(&record.value)),
@@ -134,6 +147,7 @@ impl<R: Repository> Agents<R> {
                     now,
                 })
                 .await?;
+            drop(passage);
             match outcome {
                 CommitOutcome::Committed { waiting, .. } => {
                     crate::faults::crash_point("after_commit");

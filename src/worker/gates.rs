@@ -1,12 +1,12 @@
 //! One change at a time per agent record within this process.
 //!
-//! Session changes write agent records with a compare-and-set: a result gives a slot back, a
-//! placement takes one. Two such changes of one agent computed at once in one process race, and
-//! the loser reads everything again and starts over. Within a process they need not race: a
-//! change passes the gate of every agent record it writes before it reads the records it
-//! starts from, and holds the gates until its commit is done, so the next change of the same
-//! agent starts from the record just committed. Across processes the compare-and-set still
-//! decides.
+//! Changes write agent records with a compare-and-set: a result gives a slot back, a placement
+//! takes one, the agent reports a new state. Two such changes of one agent computed at once in
+//! one process race, and the loser reads everything again and starts over. Within a process
+//! they need not race: a change passes the gate of every agent record it writes before it reads
+//! the records it starts from, and holds the gates until its commit is done, so the next change
+//! of the same agent starts from the record just committed. Across processes the
+//! compare-and-set still decides.
 //!
 //! Gates are striped: agents share a fixed number of locks, so memory does not grow with the
 //! fleet, and two agents on one stripe only wait for each other a little more.
@@ -17,8 +17,10 @@ use tokio::sync::{Mutex, MutexGuard};
 
 const STRIPES: usize = 256;
 
+/// The gates of one process, shared by the registry ([`Agents`](super::Agents)) and the
+/// workflow side ([`Sessions`](super::Sessions)).
 #[derive(Debug)]
-pub(crate) struct Gates {
+pub struct Gates {
     stripes: Box<[Mutex<()>]>,
 }
 

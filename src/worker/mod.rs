@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span};
 
 pub use self::agents::{Agents, CommandOutcome};
+pub use self::gates::Gates;
 pub use self::handler::{Delivery, Handler, HandlerOptions, Outcome};
 pub use self::recover::{RecoverError, Recovery, recover};
 pub use self::sessions::{
@@ -156,8 +157,14 @@ pub async fn run_with<R: Repository>(
 
     let (publisher, cleanup) = Publisher::new(jetstream).with_outbox_cleanup(repository.clone());
     let liveness = chrono::Duration::seconds(settings.agents.liveness_timeout_secs as i64);
-    let agents = Agents::new(repository.clone(), publisher.clone(), liveness);
-    let sessions = Sessions::new(repository.clone(), publisher.clone(), liveness);
+    let gates = Arc::new(Gates::default());
+    let agents = Agents::new(
+        repository.clone(),
+        publisher.clone(),
+        liveness,
+        gates.clone(),
+    );
+    let sessions = Sessions::new(repository.clone(), publisher.clone(), liveness, gates);
     load_workflows(&repository, &settings.workflows.directory).await?;
     let worker = &settings.worker;
     let handler = Handler::new(

@@ -24,7 +24,7 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
-use super::{Agents, Delivery, Handler, HandlerOptions, Outcome, Sessions};
+use super::{Agents, Delivery, Gates, Handler, HandlerOptions, Outcome, Sessions};
 use crate::bus::{self, BusError, Publisher};
 use crate::config::Settings;
 use crate::outbox::OutboxMessage;
@@ -77,9 +77,15 @@ pub async fn recover<R: Repository>(
     bus::ensure_streams(&jetstream, settings).await?;
     let publisher = Publisher::new(jetstream.clone());
     let liveness = chrono::Duration::seconds(settings.agents.liveness_timeout_secs as i64);
+    let gates = std::sync::Arc::new(Gates::default());
     let handler = Handler::new(
-        Agents::new(repository.clone(), publisher.clone(), liveness),
-        Sessions::new(repository.clone(), publisher.clone(), liveness),
+        Agents::new(
+            repository.clone(),
+            publisher.clone(),
+            liveness,
+            gates.clone(),
+        ),
+        Sessions::new(repository.clone(), publisher.clone(), liveness, gates),
         publisher.clone(),
         HandlerOptions::new(&settings.worker),
     );

@@ -165,18 +165,23 @@ pub struct Sessions<R> {
     liveness_timeout: chrono::Duration,
     /// Slots this process's placements are about to take, shared by every clone.
     claims: Arc<Claims>,
-    /// Agent records this process's changes are writing, shared by every clone.
+    /// Agent records this process's changes are writing, shared with the registry.
     gates: Arc<Gates>,
 }
 
 impl<R: Repository> Sessions<R> {
-    pub fn new(repository: R, publisher: Publisher, liveness_timeout: chrono::Duration) -> Self {
+    pub fn new(
+        repository: R,
+        publisher: Publisher,
+        liveness_timeout: chrono::Duration,
+        gates: Arc<Gates>,
+    ) -> Self {
         Self {
             repository,
             publisher,
             liveness_timeout,
             claims: Arc::default(),
-            gates: Arc::default(),
+            gates,
         }
     }
 
