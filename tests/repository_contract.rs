@@ -1073,6 +1073,25 @@ async fn redis_candidates_are_read_as_stored_whatever_is_kept() {
     );
 }
 
+/// Places a new session's task on the one kept candidate of capability `x`, after checking
+/// that it is `expected` (version and record); returns how the commit ended.
+async fn place_on_kept(
+    repository: &RedisRepository,
+    expected: (u64, &Agent),
+    why: &str,
+) -> SessionCommitOutcome {
+    let kept = repository
+        .capable_agents("x", 10, Freshness::Kept)
+        .await
+        .expect("kept");
+    assert_eq!((kept[0].version, kept[0].value.as_ref()), expected, "{why}");
+    let s = session("01890a5d-ac96-774b-bcce-b302099a8057", "w");
+    let leased = with_lease(&kept[0].value, &s);
+    let mut commit = session_commit(&s, 0);
+    commit.agents = vec![(&leased, kept[0].version)];
+    repository.commit_session(commit).await.expect("commit")
+}
+
 /// Kept candidates are what this worker last committed or read, possibly a version behind
 /// another worker's change; a placement chosen from them fails its compare-and-set, and the
 /// next read as stored sees the change.
@@ -1086,21 +1105,8 @@ async fn redis_kept_candidates_may_lag_and_the_commit_catches_it() {
     busy.state = AgentState::Busy;
     put(&second, &busy, 1, &old.capabilities, None, at(1)).await;
 
-    let kept = first
-        .capable_agents("x", 10, Freshness::Kept)
-        .await
-        .expect("kept");
     assert_eq!(
-        (kept[0].version, kept[0].value.as_ref()),
-        (1, &old),
-        "a version behind"
-    );
-    let s = session("01890a5d-ac96-774b-bcce-b302099a8057", "w");
-    let leased = with_lease(&kept[0].value, &s);
-    let mut commit = session_commit(&s, 0);
-    commit.agents = vec![(&leased, kept[0].version)];
-    assert_eq!(
-        first.commit_session(commit).await.expect("commit"),
+        place_on_kept(&first, (1, &old), "a version behind").await,
         SessionCommitOutcome::Conflict
     );
     let current = first
@@ -1123,21 +1129,9 @@ async fn redis_a_session_commit_does_not_take_a_record_created_again_for_the_one
     let new = agent("a", &["x"], AgentState::Busy);
     put(&second, &new, 0, &[], None, at(1)).await;
 
-    let kept = first
-        .capable_agents("x", 10, Freshness::Kept)
-        .await
-        .expect("kept");
+    let why = "the first worker keeps the old record, at the version the new one has";
     assert_eq!(
-        (kept[0].version, kept[0].value.as_ref()),
-        (1, &old),
-        "the first worker keeps the old record, at the version the new one has"
-    );
-    let s = session("01890a5d-ac96-774b-bcce-b302099a8057", "w");
-    let leased = with_lease(&kept[0].value, &s);
-    let mut commit = session_commit(&s, 0);
-    commit.agents = vec![(&leased, kept[0].version)];
-    assert_eq!(
-        first.commit_session(commit).await.expect("commit"),
+        place_on_kept(&first, (1, &old), why).await,
         SessionCommitOutcome::Conflict
     );
     let stored = first.load("a").await.expect("load").expect("exists");
